@@ -1,0 +1,1 @@
+"""Shared parts of cmbench: config, data, backbone, conventions, training loop, sampling, metrics."""

@@ -1,0 +1,138 @@
+"""`cmbench` (also `python -m common.cli`): one command per pipeline stage, explicit inputs and outputs.
+
+Snakemake rules and users call the same commands.  Every user-facing failure is one line on stderr and
+exit status 2; nothing already written is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import CmbenchError
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def cmd_prepare(args) -> None:
+    from .config import load_config
+    from .data import load_dataset, save_prepared
+
+    config = load_config(args.config)
+    if args.dataset not in config.datasets:
+        raise CmbenchError(f"{args.config}: unknown dataset '{args.dataset}' "
+                           f"(defined: {', '.join(sorted(config.datasets))})")
+    ds = load_dataset(config.datasets[args.dataset].data)
+    digest = save_prepared(ds, args.out)
+    print(f"wrote {args.out}: {len(ds)} items of shape {ds.item_shape}, sha256 {digest[:12]}")
+
+
+def cmd_train(args) -> None:
+    from .config import load_config, resolve_run
+    from .train import train
+
+    config = load_config(args.config)
+    run = resolve_run(config, args.dataset, args.method, args.seed, source=args.config)
+    train(run, args.out, data_path=args.data, teacher_dir=args.teacher)
+
+
+def cmd_sample(args) -> None:
+    import numpy as np
+
+    from .config import to_dict
+    from .device import resolve_device
+    from .models import load_trained
+    from .sample import generate
+
+    if args.steps < 1:
+        raise CmbenchError(f"--steps must be >= 1, got {args.steps}")
+    if args.n < 1:
+        raise CmbenchError(f"--n must be >= 1, got {args.n}")
+    device = resolve_device(args.device)
+    run, method, model, item_shape = load_trained(args.run, device, args.weights)
+    batch = args.batch_size or run.eval.batch_size
+    samples, latents, labels = generate(method, model, item_shape, args.n, args.steps, args.seed, batch, device,
+                                        run.network.label_dim)
+    meta = {"run": to_dict(run), "run_dir": str(args.run), "steps": args.steps, "nfe": method.nfe(args.steps),
+            "sample_seed": args.seed, "weights": args.weights, "start_sigma": method.start_sigma}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {"samples": samples.numpy(), "latents": latents.numpy(), "meta": np.array(json.dumps(meta))}
+    if labels is not None:
+        arrays["labels"] = labels.numpy()
+    tmp = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out)
+    print(f"wrote {out}: {args.n} samples, {args.steps} steps = {meta['nfe']} NFE")
+
+
+def cmd_evaluate(args) -> None:
+    from .device import resolve_device
+    from .evaluate import evaluate
+
+    result = evaluate(args.samples, args.cache, resolve_device(args.device))
+    _write_json(Path(args.out), result)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float | int))
+    print(f"{result['method']}/{result['dataset']} NFE {result['nfe']}: {shown}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cmbench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("prepare", help="read a dataset and write its prepared tensor file")
+    s.add_argument("--config", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--out", required=True, help="prepared file, e.g. data/prepared/digits.pt")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("train", help="train one (dataset, method, seed); rerun the same command to resume")
+    s.add_argument("--config", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--method", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="run folder, e.g. results/runs/gmm/teacher/seed0")
+    s.add_argument("--data", help="prepared data file (default: read the dataset from its source)")
+    s.add_argument("--teacher", help="run folder of the trained teacher (distillation methods)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="draw samples from a trained run with per-image seeds")
+    s.add_argument("--run", required=True)
+    s.add_argument("--steps", type=int, required=True)
+    s.add_argument("--n", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True, help="samples file (.npz)")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--weights", default="ema", choices=["ema", "model"])
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("evaluate", help="score a samples file (exact metrics on gmm, FD-CNN on images)")
+    s.add_argument("--samples", required=True)
+    s.add_argument("--out", required=True, help="metrics file (.json)")
+    s.add_argument("--cache", default="data/cache", help="folder for the FD-CNN classifier weights")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CmbenchError as e:
+        print(f"cmbench {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Configs are data: YAML -> typed, validated dataclasses; the resolved run config dumps to JSON.
+
+A config file names datasets and methods; `resolve_run` picks one (dataset, method, seed) and merges the
+dataset's defaults with the method's overrides into a `RunConfig`, the exact record written into every run
+folder.  Unknown keys and bad values raise ConfigError naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------------
+# Generic typed loading
+
+
+class _BadValue(ValueError):
+    """Raised by validators; carries the field name so the loader can build the dotted key."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(msg)
+        self.key = key
+
+
+def require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise _BadValue(key, msg)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _convert(tp: Any, value: Any, where: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{source}: {where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: {where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: {where}: expected a list, got {value!r}")
+        return [_convert(args[0], v, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, _join(where, str(k)), source) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-4' as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config type {tp} is not supported")  # a bug in a dataclass, not in the user's file
+
+
+def from_dict(cls: type, data: Any, where: str = "", source: str = "<config>"):
+    """Build dataclass `cls` from a mapping; unknown keys, missing keys and bad values are ConfigErrors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where or 'top level'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = _join(where, str(unknown[0]))
+        raise ConfigError(f"{source}: unknown key '{key}' (allowed here: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], _join(where, name), source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing key '{_join(where, name)}'")
+    try:
+        return cls(**kwargs)
+    except _BadValue as e:
+        raise ConfigError(f"{source}: {_join(where, e.key)}: {e}") from None
+
+
+def to_dict(obj) -> Any:
+    """Plain JSON-able data from (nested) dataclasses."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def with_overrides(obj, overrides: dict, where: str, source: str):
+    """A copy of dataclass `obj` with `overrides` applied, validated like a file."""
+    merged = _deep_merge(to_dict(obj), overrides)
+    return from_dict(type(obj), merged, where, source)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schema
+
+DataKind = Literal["gmm", "digits", "mnist", "fashion_mnist", "cifar10", "image_folder"]
+
+
+@dataclass
+class GMMSpec:
+    """An isotropic Gaussian mixture: component k is N(means[k], stds[k]^2 I) with weight weights[k]."""
+
+    means: list[list[float]]
+    stds: list[float]
+    weights: list[float]
+
+    def __post_init__(self):
+        k = len(self.means)
+        require(k >= 1, "means", "needs at least one component")
+        require(len({len(m) for m in self.means}) == 1 and len(self.means[0]) >= 1, "means",
+                "every mean needs the same dimension (>= 1)")
+        require(len(self.stds) == k, "stds", f"needs {k} entries, one per mean")
+        require(all(s > 0 for s in self.stds), "stds", "must all be > 0")
+        require(len(self.weights) == k, "weights", f"needs {k} entries, one per mean")
+        require(all(w > 0 for w in self.weights), "weights", "must all be > 0")
+        require(abs(sum(self.weights) - 1.0) < 1e-6, "weights", f"must sum to 1 (they sum to {sum(self.weights)})")
+
+
+@dataclass
+class DataSpec:
+    """Where a dataset comes from.  Images come out in [-1, 1], NCHW; points as [N, D]."""
+
+    kind: DataKind
+    path: str | None = None  # archive / folder for the file-based kinds (defaults documented in common.data)
+    split: Literal["train", "test"] = "train"
+    resolution: int | None = None  # image_folder: resize to this size; others: must match if given
+    max_items: int | None = None  # keep the first N items (tests, budgets)
+    gmm: GMMSpec | None = None
+    n_train: int = 50_000  # gmm: how many points the prepared training set holds
+    seed: int = 0  # gmm: seed of the prepared training set
+
+    def __post_init__(self):
+        require((self.gmm is not None) == (self.kind == "gmm"), "gmm",
+                "is required for kind 'gmm' and not allowed for other kinds")
+        require(self.kind != "image_folder" or self.path is not None, "path", "is required for kind 'image_folder'")
+        require(self.max_items is None or self.max_items > 0, "max_items", "must be > 0")
+        require(self.n_train > 0, "n_train", "must be > 0")
+
+
+@dataclass
+class NetworkSpec:
+    """The shared backbone: an EDM/DDPM++-style UNet for images, an MLP for points."""
+
+    kind: Literal["unet", "mlp"] = "unet"
+    model_channels: int = 64
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=list)
+    hidden: int = 256  # mlp width
+    depth: int = 3  # mlp hidden layers
+    dropout: float = 0.0
+    embedding_type: Literal["positional", "fourier"] = "positional"
+    fourier_scale: float = 16.0
+    adaptive_norm: Literal["scale_shift", "double"] = "scale_shift"
+    second_time_input: bool = False
+    logvar_head: bool = False
+    label_dim: int = 0  # > 0: class-conditional
+
+    def __post_init__(self):
+        require(self.model_channels > 0, "model_channels", "must be > 0")
+        require(len(self.channel_mult) >= 1 and all(m > 0 for m in self.channel_mult), "channel_mult",
+                "needs at least one positive multiplier")
+        require(self.num_blocks >= 1, "num_blocks", "must be >= 1")
+        require(self.hidden > 0 and self.depth >= 1, "hidden", "mlp needs hidden > 0 and depth >= 1")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(self.label_dim >= 0, "label_dim", "must be >= 0")
+
+
+@dataclass
+class TrainSpec:
+    """Optimization and bookkeeping of the one training loop."""
+
+    iterations: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    optimizer: Literal["adam", "radam"] = "adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    lr_warmup: int = 0  # iterations of linear warm-up
+    grad_clip: float | None = None
+    ema_halflife_kimg: float = 50.0  # EDM: EMA half-life in thousands of training samples
+    ema_rampup_ratio: float | None = 0.05  # EDM: half-life <= ratio * samples seen so far
+    log_every: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    max_nonfinite: int = 10  # consecutive non-finite losses before the run stops
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Literal["none", "bf16"] = "none"
+    compile: bool = False
+    init: Literal["random", "teacher"] | None = None  # None: the method's paper default
+
+    def __post_init__(self):
+        require(self.iterations >= 1, "iterations", "must be >= 1")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.lr > 0, "lr", "must be > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "needs two values in [0, 1)")
+        require(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every", "intervals must be >= 1")
+        require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+        require(self.ema_halflife_kimg >= 0, "ema_halflife_kimg", "must be >= 0")
+        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
+                "must be auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class FDCNNSpec:
+    """The small classifier whose penultimate features define FD-CNN(dataset) (ASSETS.md)."""
+
+    epochs: int = 2
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class EvalSpec:
+    """Sampling and scoring protocol for one dataset: fixed N, fixed seeds, fixed steps."""
+
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4])
+    n_samples: int = 10_000
+    batch_size: int = 1000
+    seed: int = 0  # sample seed: image i uses seed * 2^32 + i... see common.sample
+    fd_cnn: FDCNNSpec = field(default_factory=FDCNNSpec)
+    n_reference: int | None = None  # reference-set size for Frechet distances (None: whole split)
+
+    def __post_init__(self):
+        require(len(self.steps) >= 1 and all(s >= 1 for s in self.steps), "steps", "needs at least one value >= 1")
+        require(self.n_samples >= 2, "n_samples", "must be >= 2")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass
+class MethodOverrides:
+    """Per-method settings: paper hyperparameters (`params`) and changes to training and sampling."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+    network: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetEntry:
+    data: DataSpec
+    network: NetworkSpec = field(default_factory=NetworkSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    methods: dict[str, MethodOverrides] = field(default_factory=dict)  # dataset-specific method overrides
+
+
+@dataclass
+class Config:
+    datasets: dict[str, DatasetEntry]
+    methods: dict[str, MethodOverrides] = field(default_factory=lambda: {"teacher": MethodOverrides()})
+    seeds: list[int] = field(default_factory=lambda: [0])
+    workflow: dict[str, Any] = field(default_factory=dict)  # read by the Snakefile, ignored here
+
+    def __post_init__(self):
+        require(len(self.datasets) >= 1, "datasets", "needs at least one dataset")
+        require(len(self.seeds) >= 1, "seeds", "needs at least one seed")
+
+
+@dataclass
+class RunConfig:
+    """Everything that determines one training run; written as config.json into the run folder."""
+
+    dataset: str
+    method: str
+    seed: int
+    data: DataSpec
+    network: NetworkSpec
+    train: TrainSpec
+    eval: EvalSpec
+    method_params: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(to_dict(self), indent=2, sort_keys=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass --config with a YAML file, e.g. config/config.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_dict(Config, data, "", str(path))
+
+
+def resolve_run(config: Config, dataset: str, method: str, seed: int, source: str = "<config>") -> RunConfig:
+    """Merge dataset defaults, global method overrides and dataset-specific method overrides."""
+    from methods.registry import get_method_class  # methods depend on common, not the other way round
+
+    if dataset not in config.datasets:
+        raise ConfigError(f"{source}: unknown dataset '{dataset}' (defined: {', '.join(sorted(config.datasets))})")
+    method_cls = get_method_class(method)
+    entry = config.datasets[dataset]
+    layers = [config.methods.get(method, MethodOverrides()), entry.methods.get(method, MethodOverrides())]
+    wheres = [f"methods.{method}", f"datasets.{dataset}.methods.{method}"]
+    network, train, eval_, params = entry.network, entry.train, entry.eval, {}
+    for over, where in zip(layers, wheres, strict=True):
+        network = with_overrides(network, over.network, f"{where}.network", source)
+        train = with_overrides(train, over.train, f"{where}.train", source)
+        eval_ = with_overrides(eval_, over.eval, f"{where}.eval", source)
+        params = _deep_merge(params, over.params)
+    method_obj = from_dict(method_cls, params, f"methods.{method}.params", source)
+    return RunConfig(dataset=dataset, method=method, seed=seed, data=entry.data, network=network, train=train,
+                     eval=eval_, method_params=to_dict(method_obj))
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run folder's config.json (or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"run config not found: {path} (train the run first with `cmbench train`)")
+    return from_dict(RunConfig, json.loads(path.read_text()), "", str(path))

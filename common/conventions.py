@@ -1,0 +1,186 @@
+"""Time conventions, parameterizations and the one conversion layer (METHODS.md sections 0 and 1).
+
+Every method owns its internal time; at its boundary everything speaks the EDM sigma convention
+(x = x0 + sigma * eps, data at sigma = 0).  The conversions keep the signal-to-noise ratio and map a
+point to the same point rescaled:
+
+- TrigFlow (sCM):  x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2 I).  sigma = sigma_d tan(t),
+  x_trig = cos(t) x_sigma.
+- rectified flow (FACM, data at t = 1):  x_t = t x0 + (1 - t) eps.  sigma = (1 - t) / t,
+  x_rf = t x_sigma.
+
+A denoiser D(x_sigma, sigma) -> E[x0 | x_sigma] is the convention-free quantity; every PF-ODE velocity
+follows from it by the chain rule (derivations in the docstrings below).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+SIGMA_DATA = 0.5
+SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
+RHO = 7.0
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""D(x_sigma, sigma) -> estimate of x0; sigma broadcastable against x."""
+
+
+def append_dims(v: torch.Tensor | float, ndim: int) -> torch.Tensor:
+    """Reshape a per-sample vector [N] to [N, 1, ..., 1] so it broadcasts against an ndim tensor."""
+    v = torch.as_tensor(v)
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Time maps (all keep the SNR; sigma is the EDM noise level)
+
+
+def trig_t_from_sigma(sigma, sigma_d: float = SIGMA_DATA):
+    return torch.atan(torch.as_tensor(sigma) / sigma_d)
+
+
+def sigma_from_trig_t(t, sigma_d: float = SIGMA_DATA):
+    return sigma_d * torch.tan(torch.as_tensor(t))
+
+
+def rf_t_from_sigma(sigma):
+    return 1.0 / (1.0 + torch.as_tensor(sigma))
+
+
+def sigma_from_rf_t(t):
+    t = torch.as_tensor(t)
+    return (1.0 - t) / t
+
+
+TRIG_T_MAX = math.atan(SIGMA_MAX / SIGMA_DATA)  # 1.5645: TrigFlow sampling starts here, not at pi/2
+
+
+# ---------------------------------------------------------------------------------------------------
+# State maps: the same point rescaled.
+
+
+def x_trig_from_sigma(x_sigma: torch.Tensor, sigma, sigma_d: float = SIGMA_DATA) -> torch.Tensor:
+    sigma = append_dims(torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device), x_sigma.ndim)
+    return x_sigma * sigma_d / torch.sqrt(sigma**2 + sigma_d**2)
+
+
+def x_sigma_from_trig(x_trig: torch.Tensor, t) -> torch.Tensor:
+    t = append_dims(torch.as_tensor(t, dtype=x_trig.dtype, device=x_trig.device), x_trig.ndim)
+    return x_trig / torch.cos(t)
+
+
+def x_rf_from_sigma(x_sigma: torch.Tensor, sigma) -> torch.Tensor:
+    sigma = append_dims(torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device), x_sigma.ndim)
+    return x_sigma / (1.0 + sigma)
+
+
+def x_sigma_from_rf(x_rf: torch.Tensor, t) -> torch.Tensor:
+    t = append_dims(torch.as_tensor(t, dtype=x_rf.dtype, device=x_rf.device), x_rf.ndim)
+    return x_rf / t
+
+
+# ---------------------------------------------------------------------------------------------------
+# PF-ODE velocities from a denoiser, one per convention.
+
+
+def velocity_sigma(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """dx/dsigma = (x - D(x, sigma)) / sigma (EDM eq. 3 with s(t) = 1, sigma(t) = t)."""
+    sigma = append_dims(sigma, x.ndim)
+    return (x - denoiser(x, sigma)) / sigma
+
+
+def velocity_trigflow(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor,
+                      sigma_d: float = SIGMA_DATA) -> torch.Tensor:
+    """dx_t/dt = cos(t) z_hat - sin(t) x0_hat = (cos(t) x_t - D) / sin(t).
+
+    With x0_hat = D(x_t / cos t, sigma_d tan t) and z_hat = (x_t - cos(t) x0_hat) / sin(t).
+    """
+    t = append_dims(t, x_t.ndim)
+    x0 = denoiser(x_t / torch.cos(t), sigma_d * torch.tan(t))
+    return (torch.cos(t) * x_t - x0) / torch.sin(t)
+
+
+def trigflow_F(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor,
+               sigma_d: float = SIGMA_DATA) -> torch.Tensor:
+    """The TrigFlow network output F with dx_t/dt = sigma_d F(x_t / sigma_d, t) (sCM eq. 3)."""
+    return velocity_trigflow(denoiser, x_t, t, sigma_d) / sigma_d
+
+
+def velocity_rf(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """dx_t/dt = x0_hat - eps_hat = (D - x_t) / (1 - t) for x_t = t x0 + (1 - t) eps (data at t = 1)."""
+    t = append_dims(t, x_t.ndim)
+    x0 = denoiser(x_t / t, (1.0 - t) / t)
+    return (x0 - x_t) / (1.0 - t)
+
+
+def denoiser_from_trigflow_F(F: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                             sigma_d: float = SIGMA_DATA) -> torch.Tensor:
+    """x0_hat = cos(t) x_t - sin(t) sigma_d F: the inverse of trigflow_F (sCM eq. 6, the one-step jump)."""
+    t = append_dims(t, x_t.ndim)
+    return torch.cos(t) * x_t - torch.sin(t) * sigma_d * F
+
+
+def denoiser_from_rf_velocity(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0_hat = x_t + (1 - t) v: the inverse of velocity_rf."""
+    t = append_dims(t, x_t.ndim)
+    return x_t + (1.0 - t) * v
+
+
+class ConvertedTeacher:
+    """A denoiser exposed in every convention, so a distillation method asks for what its paper uses.
+
+    `denoiser` may be a trained EDM network (methods.teacher) or the exact analytic mixture (common.gmm).
+    """
+
+    def __init__(self, denoiser: Denoiser, sigma_d: float = SIGMA_DATA, name: str = "teacher"):
+        self.denoise = denoiser
+        self.sigma_d = sigma_d
+        self.name = name
+
+    def velocity_sigma(self, x, sigma):
+        return velocity_sigma(self.denoise, x, sigma)
+
+    def velocity_trigflow(self, x_t, t):
+        return velocity_trigflow(self.denoise, x_t, t, self.sigma_d)
+
+    def trigflow_F(self, x_t, t):
+        return trigflow_F(self.denoise, x_t, t, self.sigma_d)
+
+    def velocity_rf(self, x_t, t):
+        return velocity_rf(self.denoise, x_t, t)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameterizations: coefficients of f(x, sigma) = c_skip x + c_out F(c_in x, c_noise).
+
+
+def edm_precond(sigma: torch.Tensor, sigma_d: float = SIGMA_DATA):
+    """EDM (Karras et al. 2022, Table 1): returns c_skip, c_out, c_in, c_noise."""
+    c_skip = sigma_d**2 / (sigma**2 + sigma_d**2)
+    c_out = sigma * sigma_d / torch.sqrt(sigma**2 + sigma_d**2)
+    c_in = 1.0 / torch.sqrt(sigma**2 + sigma_d**2)
+    c_noise = torch.log(sigma) / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def cm_boundary_precond(sigma: torch.Tensor, sigma_d: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN,
+                        noise_scale: float = 250.0):
+    """CM (Song et al. 2023, App. C): c_skip(sigma_min) = 1 and c_out(sigma_min) = 0, so f(x, sigma_min) = x.
+
+    c_noise = 250 ln(sigma) as in openai/consistency_models (`noise_scale` = 1/4 gives EDM's ln(sigma)/4).
+    """
+    c_skip = sigma_d**2 / ((sigma - sigma_min) ** 2 + sigma_d**2)
+    c_out = (sigma - sigma_min) * sigma_d / torch.sqrt(sigma**2 + sigma_d**2)
+    c_in = 1.0 / torch.sqrt(sigma**2 + sigma_d**2)
+    c_noise = noise_scale * torch.log(sigma)
+    return c_skip, c_out, c_in, c_noise
+
+
+def trigflow_consistency(x_t: torch.Tensor, t: torch.Tensor, F: torch.Tensor,
+                         sigma_d: float = SIGMA_DATA) -> torch.Tensor:
+    """sCM: f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t); f(x, 0) = x."""
+    return denoiser_from_trigflow_F(F, x_t, t, sigma_d)

@@ -1,0 +1,209 @@
+"""The one training loop: every method, every dataset, CPU or CUDA, resumable by rerunning the same command.
+
+Randomness is a pure function of (seed, step): the data order comes from `data.batch_indices` and the torch RNG
+is reseeded at every step, so a run resumed from a checkpoint takes exactly the steps it would have taken.
+The run folder holds config.json (resolved), stats.jsonl (one line per logging interval), checkpoints/ and,
+when done, final.pt (raw and EMA weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint
+from .config import RunConfig, to_dict
+from .data import Dataset, batch_indices, data_hash, load_dataset, load_prepared
+from .device import describe, resolve_device
+from .ema import EMA
+from .errors import CheckpointError, ConfigError, TrainingError
+from .models import build_backbone, build_method, check_compatible, load_trained
+
+FINAL = "final.pt"
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed * 2**32 + step + 1
+
+
+def _check_run_folder(out: Path, run: RunConfig) -> None:
+    """A run folder belongs to one config; rerunning with another config must not mix two runs."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output folder {out} is not writable ({e.strerror}); choose another --out") from None
+    path = out / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        new = to_dict(run)
+        if old != new:
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"run folder {out} holds a run with a different config (differs in: {', '.join(diff)}); "
+                              f"use another --out or delete the folder")
+    else:
+        tmp = out / ".config.json.tmp"
+        tmp.write_text(run.to_json())
+        os.replace(tmp, path)
+
+
+def _make_optimizer(run: RunConfig, params):
+    t = run.train
+    cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
+    return cls(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+
+
+def _resolve_teacher(method, run: RunConfig, data: Dataset, teacher_dir: str | None, device):
+    """The teacher a distillation method needs: a trained teacher run, or the exact mixture on gmm."""
+    if teacher_dir is not None:
+        t_run, t_method, t_model, _ = load_trained(teacher_dir, device)
+        if t_run.dataset != run.dataset:
+            raise ConfigError(f"teacher run {teacher_dir} was trained on '{t_run.dataset}', not '{run.dataset}'")
+        return t_method.as_teacher(t_model), t_model
+    if not method.needs_teacher:
+        return None, None
+    if run.data.kind == "gmm":
+        from .gmm import GaussianMixture
+
+        return GaussianMixture.from_spec(run.data.gmm).teacher(), None
+    raise ConfigError(f"method '{run.method}' distills a teacher: pass --teacher RUN_DIR (a trained 'teacher' run "
+                      f"on '{run.dataset}')")
+
+
+def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teacher_dir: str | None = None,
+          progress_bar: bool | None = None, log=print) -> Path:
+    """Train (or resume, or do nothing if finished) and return the path of final.pt."""
+    out = Path(out)
+    method = build_method(run)
+    check_compatible(method, run.network)
+    _check_run_folder(out, run)
+    final = out / FINAL
+    if final.exists():
+        try:
+            checkpoint.load(final)
+            log(f"{final} exists and is valid: nothing to do")
+            return final
+        except CheckpointError as e:
+            log(f"warning: {e}; training again from the last checkpoint")
+    device = resolve_device(run.train.device)
+    data = load_prepared(data_path) if data_path else load_dataset(run.data)
+    teacher, teacher_model = _resolve_teacher(method, run, data, teacher_dir, device)
+
+    torch.manual_seed(run.seed)
+    model = method.build_model(build_backbone(run.network, data.item_shape)).to(device)
+    init = run.train.init or method.default_init
+    if init == "teacher":
+        if teacher_model is None:
+            raise ConfigError(f"method '{run.method}' starts from the teacher's weights: pass --teacher RUN_DIR "
+                              f"or set train.init: random")
+        missing, unexpected = model.backbone.load_state_dict(teacher_model.backbone.state_dict(), strict=False)
+        if unexpected:
+            raise ConfigError(f"teacher backbone does not fit '{run.method}' (unexpected keys {unexpected[:3]})")
+        log(f"initialized from the teacher ({len(missing)} new parameter tensors)")
+    extras = {k: m.to(device) for k, m in method.extra_modules().items()}
+    trainable = list(model.parameters()) + [p for m in extras.values() for p in m.parameters()]
+    optimizer = _make_optimizer(run, trainable)
+    ema = EMA(model, run.train.ema_halflife_kimg, run.train.ema_rampup_ratio)
+    if run.train.compile:
+        model.compile()
+
+    ckpt_dir = out / "checkpoints"
+    state = checkpoint.load_latest(ckpt_dir, map_location=device, log=log)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        for k, m in extras.items():
+            m.load_state_dict(state["extras"][k])
+        start = state["step"]
+        log(f"resumed from step {start}")
+    stats_path = out / "stats.jsonl"
+    _truncate_stats(stats_path, start)
+
+    t = run.train
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"training {run.method} on {run.dataset} (seed {run.seed}): {n_params:,} parameters, "
+        f"{t.iterations} iterations of batch {t.batch_size} on {describe(device)}")
+    x_all = data.x.to(device)
+    labels_all = data.labels.to(device) if (data.labels is not None and run.network.label_dim > 0) else None
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp == "bf16")
+    sums: dict[str, float] = {}
+    count, nonfinite_run, nonfinite_total, last_finite = 0, 0, 0, float("nan")
+    tick = time.perf_counter()
+    bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, disable=progress_bar is False
+               if progress_bar is not None else None, mininterval=2.0, desc=f"{run.method}/{run.dataset}")
+    model.train()
+    for step in bar:
+        torch.manual_seed(step_seed(run.seed, step))
+        idx = batch_indices(len(data), t.batch_size, run.seed, step).to(device)
+        x0 = x_all[idx]
+        labels = labels_all[idx] if labels_all is not None else None
+        for group in optimizer.param_groups:
+            group["lr"] = t.lr * min(1.0, (step + 1) / t.lr_warmup) if t.lr_warmup > 0 else t.lr
+        with amp:
+            terms = method.loss(model, x0, progress=step / t.iterations, labels=labels, teacher=teacher)
+        loss = terms["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or math.inf)
+            finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+            ema.update(model, (step + 1) * t.batch_size, t.batch_size)
+            nonfinite_run, last_finite = 0, float(loss.detach())
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            count += 1
+        else:  # counted and reported, never replaced: the step is skipped
+            nonfinite_run += 1
+            nonfinite_total += 1
+            if nonfinite_run >= t.max_nonfinite:
+                raise TrainingError(f"{nonfinite_run} non-finite losses or gradients in a row at step {step} of "
+                                    f"{run.method}/{run.dataset} (last finite loss {last_finite:.4g}); lower "
+                                    f"train.lr or set train.grad_clip")
+        done = step + 1
+        if done % t.log_every == 0 or done == t.iterations:
+            now = time.perf_counter()
+            row = {"step": done, "kimg": done * t.batch_size / 1000, "lr": optimizer.param_groups[0]["lr"],
+                   "sec_per_iter": (now - tick) / max(count + nonfinite_run, 1), "nonfinite_total": nonfinite_total}
+            row.update({k: v / max(count, 1) for k, v in sums.items()})
+            with open(stats_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}")
+            sums, count, tick = {}, 0, now
+        if done % t.checkpoint_every == 0 or done == t.iterations:
+            checkpoint.save(checkpoint.step_path(ckpt_dir, done), {
+                "step": done, "model": model.state_dict(), "ema": ema.module.state_dict(),
+                "optimizer": optimizer.state_dict(), "extras": {k: m.state_dict() for k, m in extras.items()},
+            })
+            checkpoint.prune(ckpt_dir, t.keep_checkpoints)
+    bar.close()
+    checkpoint.save(final, {
+        "step": t.iterations, "model": model.state_dict(), "ema": ema.module.state_dict(),
+        "item_shape": list(data.item_shape), "data_hash": data_hash(data), "n_params": n_params,
+        "config": run.to_json(),
+    })
+    log(f"wrote {final}")
+    return final
+
+
+def _truncate_stats(path: Path, step: int) -> None:
+    """Drop stats lines past the resumed step, so a resumed run's history has no duplicates."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    tmp = path.with_name(".stats.jsonl.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)

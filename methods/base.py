@@ -1,0 +1,49 @@
+"""The method interface (DESIGN.md contracts): a frozen dataclass whose defaults are its paper's values.
+
+A method owns its time convention, its parameterization around the shared backbone, its loss, its time
+sampling and its sampler.  Everything else (data, backbone, loop, EMA, checkpoints, evaluation) is shared.
+Curricula are pure functions of `progress` in [0, 1], never stored state, so a resumed run is the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+Randn = Callable[[torch.Tensor], torch.Tensor]
+"""randn(like) -> standard normal noise shaped like `like`, drawn from per-image generators (common.sample)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: ClassVar[str]
+    needs_teacher: ClassVar[bool] = False  # distillation: the loop passes a ConvertedTeacher
+    default_init: ClassVar[str] = "random"  # "random" or "teacher" (METHODS.md, Initialization)
+    needs_second_time_input: ClassVar[bool] = False  # CTM's g(x, t, s)
+    needs_logvar_head: ClassVar[bool] = False  # sCM's adaptive weighting
+    start_sigma: ClassVar[float] = 80.0  # where sampling starts, in EDM sigma (for flow-map errors on gmm)
+
+    def build_model(self, backbone: torch.nn.Module) -> torch.nn.Module:
+        """Wrap the shared backbone in this method's parameterization (the trained and sampled module)."""
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, *, progress: float, labels=None,
+             teacher=None) -> dict[str, torch.Tensor]:
+        """Return {"loss": scalar to optimize, ...other scalars to log}."""
+        raise NotImplementedError
+
+    def sample(self, model: torch.nn.Module, z: torch.Tensor, steps: int, *, randn: Randn,
+               labels=None) -> torch.Tensor:
+        """Map standard-normal latents z to data-space samples in `steps` sampler steps."""
+        raise NotImplementedError
+
+    def nfe(self, steps: int) -> int:
+        """Network evaluations per sample for `steps` sampler steps."""
+        return steps
+
+    def extra_modules(self) -> dict[str, torch.nn.Module]:
+        """Extra trainable parts (a discriminator, ...), optimized and checkpointed by the loop."""
+        return {}

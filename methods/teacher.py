@@ -1,0 +1,77 @@
+"""The diffusion teacher: EDM preconditioning, loss and Heun sampler (Karras et al. 2022).
+
+It is the quality reference of every table and the teacher of the distillation methods, which see it through
+`as_teacher` in every time convention (common.conventions.ConvertedTeacher).  On gmm data the exact analytic
+denoiser (common.gmm) plugs into the same interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from common.conventions import ConvertedTeacher, append_dims, edm_precond
+from common.ode import heun_sample
+from common.schedules import karras_sigmas, lognormal_sigma
+
+from .base import Method, Randn
+from .registry import register
+
+
+class EDMDenoiser(torch.nn.Module):
+    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise): EDM's preconditioning around the shared backbone."""
+
+    def __init__(self, backbone: torch.nn.Module, sigma_data: float = 0.5):
+        super().__init__()
+        self.backbone = backbone
+        self.sigma_data = sigma_data
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in edm_precond(sigma, self.sigma_data))
+        F = self.backbone((c_in * x).to(x.dtype), c_noise.flatten(), labels=labels)
+        return (c_skip * x + c_out * F.to(torch.float32)).to(x.dtype)
+
+
+@register
+@dataclass(frozen=True)
+class EDMTeacher(Method):
+    """EDM: ln sigma ~ N(P_mean, P_std^2), loss lambda(sigma) ||D - x0||^2, lambda = (sigma^2 + sigma_d^2)/(sigma sigma_d)^2.
+
+    The loss is averaged over data dimensions (EDM sums them); with Adam this only rescales the gradient.
+    """
+
+    name = "teacher"
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+    def build_model(self, backbone):
+        return EDMDenoiser(backbone, self.sigma_data)
+
+    def loss(self, model, x0, *, progress, labels=None, teacher=None):
+        sigma = lognormal_sigma(x0.shape[0], self.P_mean, self.P_std, device=x0.device)
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        noise = torch.randn_like(x0) * append_dims(sigma, x0.ndim)
+        denoised = model(x0 + noise, sigma, labels)
+        per_sample = ((denoised - x0) ** 2).flatten(1).mean(1)
+        return {"loss": (weight * per_sample).mean(), "mse": per_sample.mean()}
+
+    def sample(self, model, z, steps, *, randn: Randn, labels=None):
+        """Deterministic Heun on the Karras grid: `steps` steps, 2 steps - 1 evaluations (18 steps = 35 NFE)."""
+        sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho, device=z.device)
+        return heun_sample(lambda x, s: model(x, s, labels), z * self.sigma_max, sigmas.to(z.dtype))
+
+    def nfe(self, steps: int) -> int:
+        return 2 * steps - 1
+
+    def as_teacher(self, model, labels=None) -> ConvertedTeacher:
+        """The trained denoiser in every convention, for distillation (no gradients flow into it)."""
+        model = model.eval().requires_grad_(False)
+        return ConvertedTeacher(lambda x, sigma: model(x, sigma, labels), self.sigma_data, name="edm")
