@@ -90,7 +90,7 @@ def list_steps(folder: Path) -> list[tuple[int, Path]]:
 def load_latest(folder: Path, map_location="cpu", log=print) -> dict | None:
     """The newest valid checkpoint; a corrupt one is reported and skipped in favour of the previous one."""
     candidates = list_steps(folder)
-    for step, path in candidates:
+    for _, path in candidates:
         try:
             return load(path, map_location)
         except CheckpointError as e:

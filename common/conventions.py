@@ -35,6 +35,11 @@ def append_dims(v: torch.Tensor | float, ndim: int) -> torch.Tensor:
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
+def per_sample(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A time or noise level (float, [N] or [N, 1, ...]) as x's dtype and device, broadcastable against x."""
+    return append_dims(torch.as_tensor(v, dtype=x.dtype, device=x.device), x.ndim)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Time maps (all keep the SNR; sigma is the EDM noise level)
 
@@ -64,22 +69,22 @@ TRIG_T_MAX = math.atan(SIGMA_MAX / SIGMA_DATA)  # 1.5645: TrigFlow sampling star
 
 
 def x_trig_from_sigma(x_sigma: torch.Tensor, sigma, sigma_d: float = SIGMA_DATA) -> torch.Tensor:
-    sigma = append_dims(torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device), x_sigma.ndim)
+    sigma = per_sample(sigma, x_sigma)
     return x_sigma * sigma_d / torch.sqrt(sigma**2 + sigma_d**2)
 
 
 def x_sigma_from_trig(x_trig: torch.Tensor, t) -> torch.Tensor:
-    t = append_dims(torch.as_tensor(t, dtype=x_trig.dtype, device=x_trig.device), x_trig.ndim)
+    t = per_sample(t, x_trig)
     return x_trig / torch.cos(t)
 
 
 def x_rf_from_sigma(x_sigma: torch.Tensor, sigma) -> torch.Tensor:
-    sigma = append_dims(torch.as_tensor(sigma, dtype=x_sigma.dtype, device=x_sigma.device), x_sigma.ndim)
+    sigma = per_sample(sigma, x_sigma)
     return x_sigma / (1.0 + sigma)
 
 
 def x_sigma_from_rf(x_rf: torch.Tensor, t) -> torch.Tensor:
-    t = append_dims(torch.as_tensor(t, dtype=x_rf.dtype, device=x_rf.device), x_rf.ndim)
+    t = per_sample(t, x_rf)
     return x_rf / t
 
 
@@ -89,7 +94,7 @@ def x_sigma_from_rf(x_rf: torch.Tensor, t) -> torch.Tensor:
 
 def velocity_sigma(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """dx/dsigma = (x - D(x, sigma)) / sigma (EDM eq. 3 with s(t) = 1, sigma(t) = t)."""
-    sigma = append_dims(sigma, x.ndim)
+    sigma = per_sample(sigma, x)
     return (x - denoiser(x, sigma)) / sigma
 
 
@@ -99,7 +104,7 @@ def velocity_trigflow(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor,
 
     With x0_hat = D(x_t / cos t, sigma_d tan t) and z_hat = (x_t - cos(t) x0_hat) / sin(t).
     """
-    t = append_dims(t, x_t.ndim)
+    t = per_sample(t, x_t)
     x0 = denoiser(x_t / torch.cos(t), sigma_d * torch.tan(t))
     return (torch.cos(t) * x_t - x0) / torch.sin(t)
 
@@ -112,7 +117,7 @@ def trigflow_F(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor,
 
 def velocity_rf(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """dx_t/dt = x0_hat - eps_hat = (D - x_t) / (1 - t) for x_t = t x0 + (1 - t) eps (data at t = 1)."""
-    t = append_dims(t, x_t.ndim)
+    t = per_sample(t, x_t)
     x0 = denoiser(x_t / t, (1.0 - t) / t)
     return (x0 - x_t) / (1.0 - t)
 
@@ -120,13 +125,13 @@ def velocity_rf(denoiser: Denoiser, x_t: torch.Tensor, t: torch.Tensor) -> torch
 def denoiser_from_trigflow_F(F: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                              sigma_d: float = SIGMA_DATA) -> torch.Tensor:
     """x0_hat = cos(t) x_t - sin(t) sigma_d F: the inverse of trigflow_F (sCM eq. 6, the one-step jump)."""
-    t = append_dims(t, x_t.ndim)
+    t = per_sample(t, x_t)
     return torch.cos(t) * x_t - torch.sin(t) * sigma_d * F
 
 
 def denoiser_from_rf_velocity(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x0_hat = x_t + (1 - t) v: the inverse of velocity_rf."""
-    t = append_dims(t, x_t.ndim)
+    t = per_sample(t, x_t)
     return x_t + (1.0 - t) * v
 
 
@@ -160,6 +165,7 @@ class ConvertedTeacher:
 
 def edm_precond(sigma: torch.Tensor, sigma_d: float = SIGMA_DATA):
     """EDM (Karras et al. 2022, Table 1): returns c_skip, c_out, c_in, c_noise."""
+    sigma = torch.as_tensor(sigma)
     c_skip = sigma_d**2 / (sigma**2 + sigma_d**2)
     c_out = sigma * sigma_d / torch.sqrt(sigma**2 + sigma_d**2)
     c_in = 1.0 / torch.sqrt(sigma**2 + sigma_d**2)
@@ -173,6 +179,7 @@ def cm_boundary_precond(sigma: torch.Tensor, sigma_d: float = SIGMA_DATA, sigma_
 
     c_noise = 250 ln(sigma) as in openai/consistency_models (`noise_scale` = 1/4 gives EDM's ln(sigma)/4).
     """
+    sigma = torch.as_tensor(sigma)
     c_skip = sigma_d**2 / ((sigma - sigma_min) ** 2 + sigma_d**2)
     c_out = (sigma - sigma_min) * sigma_d / torch.sqrt(sigma**2 + sigma_d**2)
     c_in = 1.0 / torch.sqrt(sigma**2 + sigma_d**2)

@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import torch
 
-from .conventions import Denoiser, append_dims
+from .conventions import Denoiser, per_sample
 
 
 def euler_step(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    sigma, sigma_next = append_dims(sigma, x.ndim), append_dims(sigma_next, x.ndim)
+    sigma, sigma_next = per_sample(sigma, x), per_sample(sigma_next, x)
     d = (x - denoiser(x, sigma)) / sigma
     return x + (sigma_next - sigma) * d
 
 
 def heun_step(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """One 2nd-order Heun step from sigma to sigma_next; an Euler step where sigma_next = 0 (EDM Alg. 1)."""
-    sigma, sigma_next = append_dims(sigma, x.ndim), append_dims(sigma_next, x.ndim)
+    sigma, sigma_next = per_sample(sigma, x), per_sample(sigma_next, x)
     d = (x - denoiser(x, sigma)) / sigma
     x_euler = x + (sigma_next - sigma) * d
     if torch.all(sigma_next == 0):

@@ -39,7 +39,8 @@ class EDMDenoiser(torch.nn.Module):
 @register
 @dataclass(frozen=True)
 class EDMTeacher(Method):
-    """EDM: ln sigma ~ N(P_mean, P_std^2), loss lambda(sigma) ||D - x0||^2, lambda = (sigma^2 + sigma_d^2)/(sigma sigma_d)^2.
+    """EDM: ln sigma ~ N(P_mean, P_std^2); loss lambda(sigma) ||D - x0||^2 with
+    lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2.
 
     The loss is averaged over data dimensions (EDM sums them); with Adam this only rescales the gradient.
     """

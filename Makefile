@@ -1,0 +1,28 @@
+# Two commands for a fresh machine (README): `make quickstart` installs and runs the quick track,
+# `make test` installs and runs the tests (what .ci/run calls).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export MLFLOW_TRACKING_URI ?= sqlite:///$(abspath .)/mlflow.db
+export DVC_NO_ANALYTICS := 1
+
+.PHONY: install quickstart test lint
+
+# pip takes torch 2.14.1 / torchvision 0.29.1 from the machine's local wheels (pinned in pyproject.toml)
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(BIN)/snakemake --cores 2 all
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/snakemake --lint

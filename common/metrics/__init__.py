@@ -1,0 +1,1 @@
+"""Sample-quality metrics: exact ones on analytic data (analytic) and Frechet distances (fd_cnn)."""
