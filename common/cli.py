@@ -35,13 +35,28 @@ def cmd_prepare(args) -> None:
     print(f"wrote {args.out}: {len(ds)} items of shape {ds.item_shape}, sha256 {digest[:12]}")
 
 
+def cmd_features(args) -> None:
+    from .config import load_config
+    from .data import load_dataset, load_prepared
+    from .device import resolve_device
+    from .metrics.fd_cnn import save_classifier
+
+    config = load_config(args.config)
+    if args.dataset not in config.datasets:
+        raise CmbenchError(f"{args.config}: unknown dataset '{args.dataset}'")
+    entry = config.datasets[args.dataset]
+    ds = load_prepared(args.data) if args.data else load_dataset(entry.data)
+    acc = save_classifier(ds, entry.eval.fd_cnn, args.out, resolve_device(args.device))
+    print(f"wrote {args.out}: FD-CNN({args.dataset}) classifier, training accuracy {acc:.4f}")
+
+
 def cmd_train(args) -> None:
     from .config import load_config, resolve_run
     from .train import train
 
     config = load_config(args.config)
     run = resolve_run(config, args.dataset, args.method, args.seed, source=args.config)
-    train(run, args.out, data_path=args.data, teacher_dir=args.teacher)
+    train(run, args.out, data_path=args.data, teacher_dir=args.teacher, archive_stale=args.archive_stale)
 
 
 def cmd_sample(args) -> None:
@@ -78,10 +93,33 @@ def cmd_evaluate(args) -> None:
     from .device import resolve_device
     from .evaluate import evaluate
 
-    result = evaluate(args.samples, args.cache, resolve_device(args.device))
+    result = evaluate(args.samples, args.cache, resolve_device(args.device), data_path=args.data,
+                      feature_net=args.feature_net)
     _write_json(Path(args.out), result)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float | int))
     print(f"{result['method']}/{result['dataset']} NFE {result['nfe']}: {shown}")
+
+
+def cmd_grid(args) -> None:
+    from .grids import save_grid
+
+    save_grid(args.samples, args.out)
+
+
+def cmd_report(args) -> None:
+    from .report import write_summary
+
+    paths = write_summary(args.metrics, args.out_dir)
+    print("wrote " + ", ".join(str(p) for p in paths))
+
+
+def cmd_track(args) -> None:
+    from .tracking import default_tracking_uri, ingest
+
+    uri = args.tracking_uri or default_tracking_uri()
+    ids = ingest(args.runs, args.metrics, args.grids or [], args.summary or [], uri, args.experiment,
+                 args.artifact_root)
+    _write_json(Path(args.out), {"tracking_uri": uri, "experiment": args.experiment, "runs": ids})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="prepared file, e.g. data/prepared/digits.pt")
     s.set_defaults(func=cmd_prepare)
 
+    s = sub.add_parser("features", help="train the FD-CNN feature classifier of a dataset")
+    s.add_argument("--config", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--data", help="prepared data file (default: read the dataset from its source)")
+    s.add_argument("--out", required=True, help="classifier weights, e.g. data/features/digits/fdcnn.pt")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_features)
+
     s = sub.add_parser("train", help="train one (dataset, method, seed); rerun the same command to resume")
     s.add_argument("--config", required=True)
     s.add_argument("--dataset", required=True)
@@ -102,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run folder, e.g. results/runs/gmm/teacher/seed0")
     s.add_argument("--data", help="prepared data file (default: read the dataset from its source)")
     s.add_argument("--teacher", help="run folder of the trained teacher (distillation methods)")
+    s.add_argument("--archive-stale", action="store_true",
+                   help="if --out holds a run with another config, rename it aside and start afresh")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="draw samples from a trained run with per-image seeds")
@@ -118,9 +166,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="score a samples file (exact metrics on gmm, FD-CNN on images)")
     s.add_argument("--samples", required=True)
     s.add_argument("--out", required=True, help="metrics file (.json)")
-    s.add_argument("--cache", default="data/cache", help="folder for the FD-CNN classifier weights")
+    s.add_argument("--data", help="prepared data file (reference images; default: read from the source)")
+    s.add_argument("--feature-net", help="FD-CNN classifier from `cmbench features` (default: train into --cache)")
+    s.add_argument("--cache", default="data/cache", help="folder for cached FD-CNN classifiers")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("grid", help="draw a samples file: an image grid, or points over the true density")
+    s.add_argument("--samples", required=True)
+    s.add_argument("--out", required=True, help="PNG file")
+    s.set_defaults(func=cmd_grid)
+
+    s = sub.add_parser("report", help="metrics files -> results/summary (CSV, Markdown, DVC metrics, plot)")
+    s.add_argument("--metrics", nargs="+", required=True)
+    s.add_argument("--out-dir", required=True)
+    s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("track", help="ingest run folders and metrics into MLflow (the single writer)")
+    s.add_argument("--runs", nargs="+", required=True, help="run folders")
+    s.add_argument("--metrics", nargs="+", required=True)
+    s.add_argument("--grids", nargs="*")
+    s.add_argument("--summary", nargs="*", help="summary tables and plots, logged as one summary run")
+    s.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite under results/mlflow")
+    s.add_argument("--experiment", default="cmbench")
+    s.add_argument("--artifact-root", help="artifact location for a new experiment")
+    s.add_argument("--out", required=True, help="JSON record of the MLflow run ids")
+    s.set_defaults(func=cmd_track)
     return p
 
 

@@ -303,11 +303,25 @@ class DatasetEntry:
 
 
 @dataclass
+class MLflowSpec:
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite under results/mlflow
+    experiment: str = "cmbench"
+
+
+@dataclass
+class WorkflowSpec:
+    """Read by the Snakefile: which runs to make and where to track them."""
+
+    teacher_seed: int = 0  # distillation methods and teacher-initialized methods use this teacher run
+    mlflow: MLflowSpec = field(default_factory=MLflowSpec)
+
+
+@dataclass
 class Config:
     datasets: dict[str, DatasetEntry]
     methods: dict[str, MethodOverrides] = field(default_factory=lambda: {"teacher": MethodOverrides()})
     seeds: list[int] = field(default_factory=lambda: [0])
-    workflow: dict[str, Any] = field(default_factory=dict)  # read by the Snakefile, ignored here
+    workflow: WorkflowSpec = field(default_factory=WorkflowSpec)
 
     def __post_init__(self):
         require(len(self.datasets) >= 1, "datasets", "needs at least one dataset")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig, from_dict
-from .data import load_dataset
+from .data import load_dataset, load_prepared
 from .errors import DataError
 
 GMM_REFERENCE_SEED = 2**31 - 1  # fresh "real" points for the energy distance; never a training seed
@@ -36,7 +36,9 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
     return samples, latents, meta
 
 
-def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", device=None, log=print) -> dict:
+def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", device=None, log=print,
+             data_path: str | Path | None = None, feature_net: str | Path | None = None) -> dict:
+    """`data_path`: the prepared dataset (else read from its source); `feature_net`: FD-CNN weights (else cached)."""
     samples, latents, meta = read_samples(samples_path)
     run = from_dict(RunConfig, meta["run"], "meta.run", str(samples_path))
     device = device or torch.device("cpu")
@@ -44,7 +46,7 @@ def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", dev
     if run.data.kind == "gmm":
         metrics = _gmm_metrics(run, x, latents, meta)
     else:
-        metrics = _image_metrics(run, x, cache_dir, device, log)
+        metrics = _image_metrics(run, x, cache_dir, device, log, data_path, feature_net)
     return {"dataset": run.dataset, "method": run.method, "seed": run.seed, "steps": meta["steps"],
             "nfe": meta["nfe"], "sample_seed": meta["sample_seed"], "n_samples": len(samples),
             "weights": meta["weights"], "metrics": metrics, "protocol": _protocol(run, len(samples))}
@@ -73,11 +75,17 @@ def _gmm_metrics(run: RunConfig, x: torch.Tensor, latents, meta) -> dict:
     return metrics
 
 
-def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log) -> dict:
-    from .metrics.fd_cnn import fd_cnn, load_or_train
+def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log, data_path, feature_net) -> dict:
+    from .metrics.fd_cnn import check_classifier, fd_cnn, load_or_train
 
-    ds = load_dataset(run.data)
-    weights = load_or_train(ds, run.eval.fd_cnn, cache_dir, device, log)
+    ds = load_prepared(data_path) if data_path else load_dataset(run.data)
+    if tuple(x.shape[1:]) != ds.item_shape:
+        raise DataError(f"samples have shape {tuple(x.shape[1:])} but {run.dataset} items are {ds.item_shape}")
+    if feature_net is not None:
+        check_classifier(feature_net, ds, run.eval.fd_cnn)
+        weights = feature_net
+    else:
+        weights = load_or_train(ds, run.eval.fd_cnn, cache_dir, device, log)
     reference = ds.x
     if run.eval.n_reference is not None:
         g = torch.Generator().manual_seed(0)

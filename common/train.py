@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .config import RunConfig, to_dict
-from .data import Dataset, batch_indices, data_hash, load_dataset, load_prepared
+from .data import batch_indices, data_hash, load_dataset, load_prepared
 from .device import describe, resolve_device
 from .ema import EMA
 from .errors import CheckpointError, ConfigError, TrainingError
@@ -32,8 +32,11 @@ def step_seed(seed: int, step: int) -> int:
     return seed * 2**32 + step + 1
 
 
-def _check_run_folder(out: Path, run: RunConfig) -> None:
-    """A run folder belongs to one config; rerunning with another config must not mix two runs."""
+def _check_run_folder(out: Path, run: RunConfig, archive_stale: bool) -> None:
+    """A run folder belongs to one config; rerunning with another config must not mix two runs.
+
+    With `archive_stale` the old run is renamed aside (nothing is deleted) and training starts afresh.
+    """
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -47,6 +50,11 @@ def _check_run_folder(out: Path, run: RunConfig) -> None:
         new = to_dict(run)
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if archive_stale:
+                aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(out, aside)
+                print(f"config changed ({', '.join(diff)}): moved the old run to {aside}")
+                return _check_run_folder(out, run, archive_stale=False)
             raise ConfigError(f"run folder {out} holds a run with a different config (differs in: {', '.join(diff)}); "
                               f"use another --out or delete the folder")
     else:
@@ -61,30 +69,36 @@ def _make_optimizer(run: RunConfig, params):
     return cls(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
 
 
-def _resolve_teacher(method, run: RunConfig, data: Dataset, teacher_dir: str | None, device):
-    """The teacher a distillation method needs: a trained teacher run, or the exact mixture on gmm."""
-    if teacher_dir is not None:
-        t_run, t_method, t_model, _ = load_trained(teacher_dir, device)
-        if t_run.dataset != run.dataset:
-            raise ConfigError(f"teacher run {teacher_dir} was trained on '{t_run.dataset}', not '{run.dataset}'")
-        return t_method.as_teacher(t_model), t_model
-    if not method.needs_teacher:
+def _load_teacher(run: RunConfig, teacher_dir: str | None, device):
+    if teacher_dir is None:
         return None, None
+    t_run, t_method, t_model, _ = load_trained(teacher_dir, device)
+    if t_run.dataset != run.dataset:
+        raise ConfigError(f"teacher run {teacher_dir} was trained on '{t_run.dataset}', not '{run.dataset}'")
+    return t_method, t_model
+
+
+def _distillation_teacher(method, run: RunConfig, t_method, t_model):
+    """What a distillation method distills: the exact mixture on gmm (METHODS.md 10), else the trained teacher."""
+    if not method.needs_teacher:
+        return None
     if run.data.kind == "gmm":
         from .gmm import GaussianMixture
 
-        return GaussianMixture.from_spec(run.data.gmm).teacher(), None
-    raise ConfigError(f"method '{run.method}' distills a teacher: pass --teacher RUN_DIR (a trained 'teacher' run "
-                      f"on '{run.dataset}')")
+        return GaussianMixture.from_spec(run.data.gmm).teacher()
+    if t_model is None:
+        raise ConfigError(f"method '{run.method}' distills a teacher: pass --teacher RUN_DIR (a trained 'teacher' "
+                          f"run on '{run.dataset}')")
+    return t_method.as_teacher(t_model)
 
 
 def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teacher_dir: str | None = None,
-          progress_bar: bool | None = None, log=print) -> Path:
+          archive_stale: bool = False, progress_bar: bool | None = None, log=print) -> Path:
     """Train (or resume, or do nothing if finished) and return the path of final.pt."""
     out = Path(out)
     method = build_method(run)
     check_compatible(method, run.network)
-    _check_run_folder(out, run)
+    _check_run_folder(out, run, archive_stale)
     final = out / FINAL
     if final.exists():
         try:
@@ -95,7 +109,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
             log(f"warning: {e}; training again from the last checkpoint")
     device = resolve_device(run.train.device)
     data = load_prepared(data_path) if data_path else load_dataset(run.data)
-    teacher, teacher_model = _resolve_teacher(method, run, data, teacher_dir, device)
+    teacher_method, teacher_model = _load_teacher(run, teacher_dir, device)
+    teacher = _distillation_teacher(method, run, teacher_method, teacher_model)
 
     torch.manual_seed(run.seed)
     model = method.build_model(build_backbone(run.network, data.item_shape)).to(device)
@@ -190,13 +205,33 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
             })
             checkpoint.prune(ckpt_dir, t.keep_checkpoints)
     bar.close()
+    digest = data_hash(data)
     checkpoint.save(final, {
         "step": t.iterations, "model": model.state_dict(), "ema": ema.module.state_dict(),
-        "item_shape": list(data.item_shape), "data_hash": data_hash(data), "n_params": n_params,
+        "item_shape": list(data.item_shape), "data_hash": digest, "n_params": n_params,
         "config": run.to_json(),
     })
+    _write_run_info(out, {"n_params": n_params, "data_hash": digest, "device": describe(device),
+                          "iterations": t.iterations, "batch_size": t.batch_size, "init": init,
+                          "train_seconds": _train_seconds(stats_path)})
     log(f"wrote {final}")
     return final
+
+
+def _train_seconds(stats_path: Path) -> float:
+    """Wall time of the training steps, summed over every invocation that contributed to the run."""
+    total, prev = 0.0, 0
+    for line in stats_path.read_text().splitlines():
+        row = json.loads(line)
+        total += row["sec_per_iter"] * (row["step"] - prev)
+        prev = row["step"]
+    return total
+
+
+def _write_run_info(out: Path, info: dict) -> None:
+    tmp = out / ".run_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out / "run_info.json")
 
 
 def _truncate_stats(path: Path, step: int) -> None:

@@ -76,17 +76,35 @@ def train_classifier(ds: Dataset, spec: FDCNNSpec, device: torch.device, log=pri
 
 def classifier_path(ds: Dataset, spec: FDCNNSpec, cache_dir: str | Path) -> Path:
     """Cached weights keyed on (data content, recipe, recipe version): a change in any retrains."""
-    key = json.dumps({"data": data_hash(ds), "spec": to_dict(spec), "version": RECIPE_VERSION}, sort_keys=True)
-    return Path(cache_dir) / f"fdcnn-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    return Path(cache_dir) / f"fdcnn-{hashlib.sha256(_key(ds, spec).encode()).hexdigest()[:16]}.pt"
+
+
+def _key(ds: Dataset, spec: FDCNNSpec) -> str:
+    return json.dumps({"data": data_hash(ds), "spec": to_dict(spec), "version": RECIPE_VERSION}, sort_keys=True)
+
+
+def save_classifier(ds: Dataset, spec: FDCNNSpec, path: str | Path, device: torch.device, log=print) -> float:
+    """Train and write the classifier with the key of what it was trained on; return its training accuracy."""
+    net, acc = train_classifier(ds, spec, device, log)
+    checkpoint.save(path, {"state": net.state_dict(), "in_channels": net.in_channels, "resolution": net.resolution,
+                           "num_classes": net.num_classes, "train_accuracy": acc, "key": _key(ds, spec)})
+    return acc
+
+
+def check_classifier(path: str | Path, ds: Dataset, spec: FDCNNSpec) -> None:
+    """A feature network trained on other data or with another recipe would make FD-CNN incomparable."""
+    from ..errors import DataError
+
+    state = checkpoint.load(path)
+    if state.get("key") != _key(ds, spec):
+        raise DataError(f"FD-CNN classifier {path} was trained on other data or with another recipe; "
+                        f"rebuild it with `cmbench features`")
 
 
 def load_or_train(ds: Dataset, spec: FDCNNSpec, cache_dir: str | Path, device: torch.device, log=print) -> Path:
     path = classifier_path(ds, spec, cache_dir)
     if not path.exists():
-        net, acc = train_classifier(ds, spec, device, log)
-        checkpoint.save(path, {"state": net.state_dict(), "in_channels": net.in_channels,
-                               "resolution": net.resolution, "num_classes": net.num_classes,
-                               "train_accuracy": acc, "version": RECIPE_VERSION})
+        save_classifier(ds, spec, path, device, log)
     return path
 
 

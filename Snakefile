@@ -1,0 +1,36 @@
+"""cmbench: train the teacher and every method, sample at every step count, score, report, track.
+
+    snakemake --cores 2 all                                        # the quick track (config/config.yaml)
+    snakemake --profile slurm all --configfile config/cifar10.yaml  # a cluster
+Rules call the `cmbench` CLI; outputs are predictable from wildcards; checkpoints live beside the outputs.
+"""
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+# The quick track is the default; `--configfile FILE` replaces it (Snakemake would otherwise merge the two).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+validate(config, "workflows/schemas/config.schema.yaml")
+
+
+include: "workflows/common.smk"
+include: "workflows/data.smk"
+include: "workflows/teacher.smk"
+include: "workflows/train.smk"
+include: "workflows/sample.smk"
+include: "workflows/evaluate.smk"
+include: "workflows/report.smk"
+include: "workflows/track.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        SUMMARY_FILES,
+        TRACKING_RECORD,

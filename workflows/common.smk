@@ -1,0 +1,90 @@
+# Shared by every rule file: the validated config, the run list and path helpers.
+import functools
+import hashlib
+import json
+import os
+import sys
+
+import yaml
+
+from common.config import Config, from_dict, resolve_run, to_dict
+from common.errors import CmbenchError
+from snakemake.exceptions import WorkflowError
+
+try:
+    CFG = from_dict(Config, config, "", "workflow config")
+except CmbenchError as e:
+    raise WorkflowError(str(e)) from None
+
+# Jobs run the CLI with the interpreter that runs Snakemake (the project's venv, also on SLURM nodes).
+CMBENCH = f"{sys.executable} -m common.cli"
+
+# The merged config (config files + --config overrides) that the CLI reads; rewritten only when it changes.
+CONFIG_FILE = "results/config.resolved.yaml"
+
+
+def _write_resolved_config():
+    text = yaml.safe_dump(config, sort_keys=True)
+    if os.path.exists(CONFIG_FILE) and open(CONFIG_FILE).read() == text:
+        return
+    os.makedirs(os.path.dirname(CONFIG_FILE), exist_ok=True)
+    tmp = f"{CONFIG_FILE}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, CONFIG_FILE)
+
+
+_write_resolved_config()
+
+
+@functools.cache
+def run_config(dataset, method, seed):
+    try:
+        return resolve_run(CFG, dataset, method, int(seed), source="workflow config")
+    except CmbenchError as e:
+        raise WorkflowError(str(e)) from None
+
+
+def config_hash(dataset, method, seed):
+    """Changes whenever the run's resolved config changes: a params rerun trigger for Snakemake."""
+    text = json.dumps(to_dict(run_config(dataset, method, seed)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_dir(dataset, method, seed):
+    return f"results/runs/{dataset}/{method}/seed{seed}"
+
+
+def is_image(dataset):
+    return CFG.datasets[dataset].data.kind != "gmm"
+
+
+def needs_teacher_run(dataset, method, seed):
+    """Teacher-initialized methods need its weights; distillation off gmm needs the trained teacher itself."""
+    from common.models import build_method
+
+    if method == "teacher":
+        return False
+    run = run_config(dataset, method, seed)
+    m = build_method(run)
+    init = run.train.init or m.default_init
+    return init == "teacher" or (m.needs_teacher and is_image(dataset))
+
+
+def teacher_run(dataset):
+    return run_dir(dataset, "teacher", CFG.workflow.teacher_seed)
+
+
+RUNS = [(d, m, s) for d in CFG.datasets for m in CFG.methods for s in CFG.seeds]
+SAMPLED = [(d, m, s, k) for d, m, s in RUNS for k in run_config(d, m, s).eval.steps]
+METRICS = [f"results/metrics/{d}/{m}/seed{s}/steps{k}.json" for d, m, s, k in SAMPLED]
+GRIDS = [f"results/grids/{d}/{m}/seed{s}/steps{k}.png" for d, m, s, k in SAMPLED]
+SUMMARY_FILES = [f"results/summary/{name}" for name in
+                 ("results.csv", "table.md", "metrics.json", "quality_vs_nfe.png", "quality_vs_nfe.csv")]
+TRACKING_RECORD = "results/tracking/mlflow.json"
+
+wildcard_constraints:
+    dataset="|".join(CFG.datasets),
+    method="[A-Za-z0-9_]+",
+    seed=r"\d+",
+    steps=r"\d+",

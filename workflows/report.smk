@@ -1,0 +1,12 @@
+# Stage: report. Every metrics file -> results/summary (tidy CSV, Table-1 Markdown, DVC metrics, seaborn plot).
+
+
+rule report:
+    input:
+        METRICS,
+    output:
+        SUMMARY_FILES,
+    log:
+        "results/logs/report.log",
+    shell:
+        "{CMBENCH} report --metrics {input} --out-dir results/summary > {log} 2>&1"

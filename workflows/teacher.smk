@@ -1,0 +1,18 @@
+# Stage: teacher. One EDM diffusion teacher per dataset and seed: the reference row and the distillation source.
+
+
+rule train_teacher:
+    input:
+        data="data/prepared/{dataset}.pt",
+    output:
+        "results/runs/{dataset}/teacher/seed{seed}/final.pt",
+    params:
+        config=lambda w: config_hash(w.dataset, "teacher", w.seed),
+        out=lambda w: run_dir(w.dataset, "teacher", w.seed),
+    threads: 2
+    log:
+        "results/logs/train/{dataset}/teacher/seed{seed}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} {CMBENCH} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
+        "--method teacher --seed {wildcards.seed} --data {input.data} --out {params.out} --archive-stale "
+        "> {log} 2>&1"

@@ -1,0 +1,27 @@
+# Stage: track. One local job ingests run folders, metrics, pictures and the summary into MLflow: the single
+# writer, so cluster jobs never race on one sqlite file.
+
+from common.tracking import default_tracking_uri
+
+TRACKING_URI = CFG.workflow.mlflow.tracking_uri or default_tracking_uri()
+
+
+rule track:
+    localrule: True
+    input:
+        runs=[f"{run_dir(d, m, s)}/final.pt" for d, m, s in RUNS],
+        metrics=METRICS,
+        grids=GRIDS,
+        summary=SUMMARY_FILES,
+    output:
+        TRACKING_RECORD,
+    params:
+        run_dirs=[run_dir(d, m, s) for d, m, s in RUNS],
+        uri=TRACKING_URI,
+        experiment=CFG.workflow.mlflow.experiment,
+    log:
+        "results/logs/track.log",
+    shell:
+        "{CMBENCH} track --runs {params.run_dirs} --metrics {input.metrics} --grids {input.grids} "
+        "--summary {input.summary} --tracking-uri '{params.uri}' --experiment {params.experiment} "
+        "--out {output} > {log} 2>&1"
