@@ -4,7 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
-export MLFLOW_TRACKING_URI ?= sqlite:///$(abspath .)/mlflow.db
 export DVC_NO_ANALYTICS := 1
 
 .PHONY: install quickstart test lint

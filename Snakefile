@@ -20,6 +20,13 @@ validate(config, "workflows/schemas/config.schema.yaml")
 
 
 include: "workflows/common.smk"
+wildcard_constraints:
+    dataset="|".join(CFG.datasets),
+    method="[A-Za-z0-9_]+",
+    seed=r"\d+",
+    steps=r"\d+",
+
+
 include: "workflows/data.smk"
 include: "workflows/teacher.smk"
 include: "workflows/train.smk"

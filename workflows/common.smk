@@ -1,4 +1,4 @@
-# Shared by every rule file: the validated config, the run list and path helpers.
+# Shared by every stage: the validated config, the list of runs and path helpers.
 import functools
 import hashlib
 import json
@@ -83,8 +83,31 @@ SUMMARY_FILES = [f"results/summary/{name}" for name in
                  ("results.csv", "table.md", "metrics.json", "quality_vs_nfe.png", "quality_vs_nfe.csv")]
 TRACKING_RECORD = "results/tracking/mlflow.json"
 
-wildcard_constraints:
-    dataset="|".join(CFG.datasets),
-    method="[A-Za-z0-9_]+",
-    seed=r"\d+",
-    steps=r"\d+",
+
+# Input functions, kept apart from the rules that use them
+
+
+def _train_inputs(w):
+    inputs = {"data": f"data/prepared/{w.dataset}.pt"}
+    if needs_teacher_run(w.dataset, w.method, w.seed):
+        inputs["teacher"] = f"{teacher_run(w.dataset)}/final.pt"
+    return inputs
+
+
+def _teacher_arg(w, input):
+    return f"--teacher {os.path.dirname(input.teacher)}" if "teacher" in input.keys() else ""
+
+
+def _evaluate_inputs(w):
+    inputs = {"samples": f"results/samples/{w.dataset}/{w.method}/seed{w.seed}/steps{w.steps}.npz"}
+    if is_image(w.dataset):
+        inputs["data"] = f"data/prepared/{w.dataset}.pt"
+        inputs["features"] = f"data/features/{w.dataset}/fdcnn.pt"
+    return inputs
+
+
+def _evaluate_args(w, input):
+    keys = set(input.keys())
+    return (f"--data {input.data} " if "data" in keys else "") + (
+        f"--feature-net {input.features}" if "features" in keys else ""
+    )

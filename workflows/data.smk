@@ -5,11 +5,15 @@ rule prepare:
     output:
         "data/prepared/{dataset}.pt",
     params:
+        cmbench=CMBENCH,
+        config_file=CONFIG_FILE,
         spec=lambda w: json.dumps(to_dict(CFG.datasets[w.dataset].data), sort_keys=True),
+    conda:
+        "envs/cmbench.yaml"
     log:
         "results/logs/prepare/{dataset}.log",
     shell:
-        "{CMBENCH} prepare --config {CONFIG_FILE} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "{params.cmbench} prepare --config {params.config_file} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
 
 
 rule feature_net:
@@ -18,10 +22,14 @@ rule feature_net:
     output:
         "data/features/{dataset}/fdcnn.pt",
     params:
+        cmbench=CMBENCH,
+        config_file=CONFIG_FILE,
         spec=lambda w: json.dumps(to_dict(CFG.datasets[w.dataset].eval.fd_cnn), sort_keys=True),
     threads: 2
+    conda:
+        "envs/cmbench.yaml"
     log:
         "results/logs/features/{dataset}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {CMBENCH} features --config {CONFIG_FILE} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS={threads} {params.cmbench} features --config {params.config_file} --dataset {wildcards.dataset} "
         "--data {input} --out {output} > {log} 2>&1"

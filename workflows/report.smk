@@ -6,7 +6,11 @@ rule report:
         METRICS,
     output:
         SUMMARY_FILES,
+    params:
+        cmbench=CMBENCH,
+    conda:
+        "envs/cmbench.yaml"
     log:
         "results/logs/report.log",
     shell:
-        "{CMBENCH} report --metrics {input} --out-dir results/summary > {log} 2>&1"
+        "{params.cmbench} report --metrics {input} --out-dir results/summary > {log} 2>&1"

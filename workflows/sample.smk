@@ -7,13 +7,16 @@ rule sample:
     output:
         "results/samples/{dataset}/{method}/seed{seed}/steps{steps}.npz",
     params:
+        cmbench=CMBENCH,
         run=lambda w: run_dir(w.dataset, w.method, w.seed),
         n=lambda w: run_config(w.dataset, w.method, w.seed).eval.n_samples,
         seed=lambda w: run_config(w.dataset, w.method, w.seed).eval.seed,
         batch=lambda w: run_config(w.dataset, w.method, w.seed).eval.batch_size,
     threads: 1
+    conda:
+        "envs/cmbench.yaml"
     log:
         "results/logs/sample/{dataset}/{method}/seed{seed}/steps{steps}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {CMBENCH} sample --run {params.run} --steps {wildcards.steps} --n {params.n} "
+        "OMP_NUM_THREADS={threads} {params.cmbench} sample --run {params.run} --steps {wildcards.steps} --n {params.n} "
         "--seed {params.seed} --batch-size {params.batch} --out {output} > {log} 2>&1"

@@ -7,12 +7,16 @@ rule train_teacher:
     output:
         "results/runs/{dataset}/teacher/seed{seed}/final.pt",
     params:
+        cmbench=CMBENCH,
+        config_file=CONFIG_FILE,
         config=lambda w: config_hash(w.dataset, "teacher", w.seed),
         out=lambda w: run_dir(w.dataset, "teacher", w.seed),
     threads: 2
+    conda:
+        "envs/cmbench.yaml"
     log:
         "results/logs/train/{dataset}/teacher/seed{seed}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {CMBENCH} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS={threads} {params.cmbench} train --config {params.config_file} --dataset {wildcards.dataset} "
         "--method teacher --seed {wildcards.seed} --data {input.data} --out {params.out} --archive-stale "
         "> {log} 2>&1"

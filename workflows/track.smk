@@ -16,12 +16,15 @@ rule track:
     output:
         TRACKING_RECORD,
     params:
+        cmbench=CMBENCH,
         run_dirs=[run_dir(d, m, s) for d, m, s in RUNS],
         uri=TRACKING_URI,
         experiment=CFG.workflow.mlflow.experiment,
+    conda:
+        "envs/cmbench.yaml"
     log:
         "results/logs/track.log",
     shell:
-        "{CMBENCH} track --runs {params.run_dirs} --metrics {input.metrics} --grids {input.grids} "
+        "{params.cmbench} track --runs {params.run_dirs} --metrics {input.metrics} --grids {input.grids} "
         "--summary {input.summary} --tracking-uri '{params.uri}' --experiment {params.experiment} "
         "--out {output} > {log} 2>&1"

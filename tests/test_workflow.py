@@ -1,0 +1,124 @@
+"""The pipeline slice end to end: Snakemake on the smoke config in a copy of the repo, MLflow read back,
+`snakemake --lint`, and `dvc repro` regenerating the tables without a training step."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SNAKEMAKE_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    env["DVC_NO_ANALYTICS"] = "1"
+    return env
+
+
+def _run(cmd, cwd, timeout=900):
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _copy_repo(dest: Path) -> None:
+    """The files a fresh clone has (tracked + new, not ignored), as a new git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    params = dest / "params.yaml"
+    params.write_text(params.read_text().replace("config/config.yaml", "config/smoke.yaml"))
+    _run(["git", "init", "-q"], dest)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A"], dest)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"], dest)
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("repo")
+    _copy_repo(repo)
+    log = _run([str(BIN / "snakemake"), "--cores", "2", "all", "--configfile", "config/smoke.yaml"], repo)
+    return repo, log
+
+
+def test_lint_is_clean():
+    out = _run([str(BIN / "snakemake"), "--lint"], ROOT)
+    assert "Congratulations" in out
+
+
+def test_summary_table_has_the_teacher_rows(smoke_repo):
+    repo, _ = smoke_repo
+    df = pd.read_csv(repo / "results/summary/results.csv")
+    assert set(df.dataset) == {"gmm", "digits"}
+    # smoke steps 1, 2, 4 -> Heun NFE 1, 3, 7, one row per (dataset, NFE, metric)
+    for dataset, metric in (("gmm", "energy_distance"), ("gmm", "nll"), ("digits", "fd_cnn")):
+        sub = df[(df.dataset == dataset) & (df.metric == metric)]
+        assert sorted(sub.nfe) == [1, 3, 7] and set(sub.method) == {"teacher"}
+    assert {"protocol_metric_family", "n_samples", "sample_seed", "weights"} <= set(df.columns)
+    table = (repo / "results/summary/table.md").read_text()
+    assert "| method | NFE 1 | NFE 3 | NFE 7 |" in table and "| teacher |" in table and "Protocol:" in table
+    metrics = json.loads((repo / "results/summary/metrics.json").read_text())
+    assert set(metrics["gmm"]["energy_distance"]["teacher"]) == {"nfe1", "nfe3", "nfe7"}
+    assert (repo / "results/summary/quality_vs_nfe.png").stat().st_size > 10_000
+
+
+def test_mlflow_holds_every_run_with_metrics(smoke_repo):
+    repo, _ = smoke_repo
+    code = (
+        "import json, mlflow\n"
+        "record = json.load(open('results/tracking/mlflow.json'))\n"
+        "mlflow.set_tracking_uri(record['tracking_uri'])\n"
+        "df = mlflow.search_runs(experiment_names=['cmbench'])\n"
+        "c = mlflow.tracking.MlflowClient()\n"
+        "out = {}\n"
+        "for _, r in df.iterrows():\n"
+        "    name = r['tags.mlflow.runName']\n"
+        "    hist = c.get_metric_history(r.run_id, 'eval/energy_distance' if name.startswith('gmm') else "
+        "'eval/fd_cnn') if name != 'summary' else []\n"
+        "    out[name] = {'status': r.status, 'eval': [(m.step, m.value) for m in hist],\n"
+        "                 'train_loss': len(c.get_metric_history(r.run_id, 'train/loss')) if name != 'summary' else 0,\n"
+        "                 'artifacts': sorted(a.path for a in c.list_artifacts(r.run_id)),\n"
+        "                 'lr': r.get('params.train.lr'), 'commit': r.get('tags.git_commit')}\n"
+        "out['kind'] = c.get_experiment_by_name('cmbench').tags.get('mlflow.experimentKind')\n"
+        "print(json.dumps(out))\n"
+    )
+    out = json.loads(_run([sys.executable, "-c", code], repo).strip().splitlines()[-1])
+    assert out.pop("kind") == "custom_model_development"  # opens in the runs view, not the GenAI view
+    assert set(out) == {"gmm/teacher/seed0", "digits/teacher/seed0", "summary"}
+    for name in ("gmm/teacher/seed0", "digits/teacher/seed0"):
+        run = out[name]
+        assert run["status"] == "FINISHED" and [s for s, _ in run["eval"]] == [1, 3, 7]
+        assert run["train_loss"] >= 4 and run["lr"] is not None and run["commit"] not in (None, "unknown")
+        assert run["artifacts"] == ["metrics", "run", "samples"]
+    assert out["summary"]["artifacts"] == ["summary"]
+    # ingesting again changes nothing: no duplicated runs or metrics
+    _run([str(BIN / "snakemake"), "--cores", "2", "all", "--configfile", "config/smoke.yaml", "--forcerun", "track"],
+         repo)
+    again = json.loads(_run([sys.executable, "-c", code], repo).strip().splitlines()[-1])
+    again.pop("kind")
+    assert again == out
+
+
+def test_dvc_repro_regenerates_tables_without_training(smoke_repo):
+    repo, _ = smoke_repo
+    _run(["dvc", "repro"], repo)  # records dvc.lock; Snakemake finds everything done
+    finals = sorted(repo.glob("results/runs/*/*/seed*/final.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in finals}
+    table = (repo / "results/summary/table.md").read_text()
+    shutil.rmtree(repo / "results/summary")
+    log = _run(["dvc", "repro"], repo)
+    assert "rule train" not in log and "rule prepare" not in log
+    assert (repo / "results/summary/table.md").read_text() == table
+    assert {p: p.stat().st_mtime_ns for p in finals} == stamps
+    shown = _run(["dvc", "metrics", "show"], repo)
+    assert "gmm.energy_distance.teacher.nfe1" in shown and "digits.fd_cnn.teacher.nfe7" in shown
