@@ -10,36 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
 from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
+from .fsutil import atomic_write_bytes
 
 _STEP_RE = re.compile(r"^ckpt-(\d{8})\.pt$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save(path: str | Path, state: dict) -> str:
@@ -50,9 +29,8 @@ def save(path: str | Path, state: dict) -> str:
     torch.save(state, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    _write_atomic(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
-    _write_atomic(path, data)
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+    atomic_write_bytes(path, data)
     return digest
 
 

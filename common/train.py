@@ -23,6 +23,7 @@ from .data import batch_indices, data_hash, load_dataset, load_prepared
 from .device import describe, resolve_device
 from .ema import EMA
 from .errors import CheckpointError, ConfigError, TrainingError
+from .fsutil import atomic_write_json, atomic_write_text
 from .models import build_backbone, build_method, check_compatible, load_trained
 
 FINAL = "final.pt"
@@ -58,9 +59,7 @@ def _check_run_folder(out: Path, run: RunConfig, archive_stale: bool) -> None:
             raise ConfigError(f"run folder {out} holds a run with a different config (differs in: {', '.join(diff)}); "
                               f"use another --out or delete the folder")
     else:
-        tmp = out / ".config.json.tmp"
-        tmp.write_text(run.to_json())
-        os.replace(tmp, path)
+        atomic_write_text(path, run.to_json())
 
 
 def _make_optimizer(run: RunConfig, params):
@@ -211,7 +210,7 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         "item_shape": list(data.item_shape), "data_hash": digest, "n_params": n_params,
         "config": run.to_json(),
     })
-    _write_run_info(out, {"n_params": n_params, "data_hash": digest, "device": describe(device),
+    atomic_write_json(out / "run_info.json", {"n_params": n_params, "data_hash": digest, "device": describe(device),
                           "iterations": t.iterations, "batch_size": t.batch_size, "init": init,
                           "train_seconds": _train_seconds(stats_path)})
     log(f"wrote {final}")
@@ -228,10 +227,6 @@ def _train_seconds(stats_path: Path) -> float:
     return total
 
 
-def _write_run_info(out: Path, info: dict) -> None:
-    tmp = out / ".run_info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out / "run_info.json")
 
 
 def _truncate_stats(path: Path, step: int) -> None:
@@ -239,6 +234,4 @@ def _truncate_stats(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    tmp = path.with_name(".stats.jsonl.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
