@@ -102,12 +102,14 @@ def cmd_report(args) -> None:
 
 
 def cmd_track(args) -> None:
-    from .tracking import default_tracking_uri, ingest
+    from .tracking import default_tracking_uri, ingest, ui_path
 
     uri = args.tracking_uri or default_tracking_uri()
-    ids = ingest(args.runs, args.metrics, args.grids or [], args.summary or [], uri, args.experiment,
-                 args.artifact_root)
-    atomic_write_json(args.out, {"tracking_uri": uri, "experiment": args.experiment, "runs": ids})
+    exp_id, ids = ingest(args.runs, args.metrics, args.grids or [], args.summary or [], uri, args.experiment,
+                         args.artifact_root)
+    atomic_write_json(args.out, {"tracking_uri": uri, "experiment": args.experiment, "experiment_id": exp_id,
+                                 "ui_path": ui_path(exp_id), "runs": ids})
+    print(f"MLflow: {len(ids)} runs in experiment '{args.experiment}' ({uri}); in the UI open {ui_path(exp_id)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

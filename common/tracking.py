@@ -66,6 +66,18 @@ def _fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
+def _run_times(run_dir: Path) -> tuple[int, int]:
+    """MLflow start and end times (ms) of the training itself, not of this ingestion."""
+    start = (run_dir / "config.json").stat().st_mtime
+    end = (run_dir / "final.pt").stat().st_mtime if (run_dir / "final.pt").exists() else start
+    return int(start * 1000), int(end * 1000)
+
+
+def ui_path(experiment_id: str) -> str:
+    """The runs table of an experiment; MLflow 3 opens its GenAI view unless asked for this one."""
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def _experiment(client, name: str, artifact_root: str | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -81,8 +93,8 @@ def _experiment(client, name: str, artifact_root: str | None) -> str:
 
 def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: list[str | Path],
            summary_files: list[str | Path], tracking_uri: str, experiment: str, artifact_root: str | None = None,
-           log=print) -> dict[str, str]:
-    """Log every run; return {key: mlflow run id}."""
+           log=print) -> tuple[str, dict[str, str]]:
+    """Log every run; return (experiment id, {key: mlflow run id})."""
     import mlflow
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
@@ -125,7 +137,8 @@ def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: l
         tags = {KEY_TAG: key_str, FINGERPRINT_TAG: fingerprint, "mlflow.runName": key_str, "dataset": key[0],
                 "method": key[1], "seed": str(key[2]), "git_commit": commit, "data_hash": info.get("data_hash", ""),
                 "device": info.get("device", ""), "run_dir": str(run_dir)}
-        run = client.create_run(exp_id, tags=tags)
+        started, ended = _run_times(run_dir)
+        run = client.create_run(exp_id, start_time=started, tags=tags)
         run_id = run.info.run_id
         params = _flatten({k: v for k, v in config.items()})
         params.update({f"run_info.{k}": str(v) for k, v in info.items()})
@@ -153,12 +166,12 @@ def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: l
             client.log_artifact(run_id, str(f), "metrics")
         for f in grid_paths[key]:
             client.log_artifact(run_id, str(f), "samples")
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=ended)
         ids[key_str] = run_id
         log(f"{key_str}: logged to MLflow run {run_id}")
     if summary_files:
         ids["summary"] = _log_summary(client, exp_id, list(map(Path, summary_files)), commit, log)
-    return ids
+    return exp_id, ids
 
 
 def _log_summary(client, exp_id: str, files: list[Path], commit: str, log) -> str:

@@ -94,7 +94,9 @@ def test_mlflow_holds_every_run_with_metrics(smoke_repo):
         "print(json.dumps(out))\n"
     )
     out = json.loads(_run([sys.executable, "-c", code], repo).strip().splitlines()[-1])
-    assert out.pop("kind") == "custom_model_development"  # opens in the runs view, not the GenAI view
+    assert out.pop("kind") == "custom_model_development"
+    record = json.loads((repo / "results/tracking/mlflow.json").read_text())
+    assert record["ui_path"].endswith("/runs?workflowType=machine_learning")  # the runs view, not the GenAI view
     assert set(out) == {"gmm/teacher/seed0", "digits/teacher/seed0", "summary"}
     for name in ("gmm/teacher/seed0", "digits/teacher/seed0"):
         run = out[name]
