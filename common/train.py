@@ -8,6 +8,7 @@ when done, final.pt (raw and EMA weights).
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -126,6 +127,9 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     trainable = list(model.parameters()) + [p for m in extras.values() for p in m.parameters()]
     optimizer = _make_optimizer(run, trainable)
     ema = EMA(model, run.train.ema_halflife_kimg, run.train.ema_rampup_ratio)
+    target = None
+    if method.target_decay(0.0) is not None:  # CM's theta-, a copy the loss reads and the loop updates
+        target = copy.deepcopy(model).requires_grad_(False)
     if run.train.compile:
         model.compile()
 
@@ -138,6 +142,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         optimizer.load_state_dict(state["optimizer"])
         for k, m in extras.items():
             m.load_state_dict(state["extras"][k])
+        if target is not None:
+            target.load_state_dict(state["target"])
         start = state["step"]
         log(f"resumed from step {start}")
     stats_path = out / "stats.jsonl"
@@ -156,6 +162,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, disable=progress_bar is False
                if progress_bar is not None else None, mininterval=2.0, desc=f"{run.method}/{run.dataset}")
     model.train()
+    if target is not None:
+        target.train()  # same dropout behaviour as the online network (CM uses the same mask for both)
     for step in bar:
         torch.manual_seed(step_seed(run.seed, step))
         idx = batch_indices(len(data), t.batch_size, run.seed, step).to(device)
@@ -164,7 +172,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         for group in optimizer.param_groups:
             group["lr"] = t.lr * min(1.0, (step + 1) / t.lr_warmup) if t.lr_warmup > 0 else t.lr
         with amp:
-            terms = method.loss(model, x0, progress=step / t.iterations, labels=labels, teacher=teacher)
+            terms = method.loss(model, x0, progress=step / t.iterations, labels=labels, teacher=teacher,
+                                target=target)
         loss = terms["loss"]
         optimizer.zero_grad(set_to_none=True)
         finite = bool(torch.isfinite(loss))
@@ -175,6 +184,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         if finite:
             optimizer.step()
             ema.update(model, (step + 1) * t.batch_size, t.batch_size)
+            if target is not None:
+                _update_target(target, model, method.target_decay((step + 1) / t.iterations))
             nonfinite_run, last_finite = 0, float(loss.detach())
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -201,6 +212,7 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
             checkpoint.save(checkpoint.step_path(ckpt_dir, done), {
                 "step": done, "model": model.state_dict(), "ema": ema.module.state_dict(),
                 "optimizer": optimizer.state_dict(), "extras": {k: m.state_dict() for k, m in extras.items()},
+                "target": target.state_dict() if target is not None else None,
             })
             checkpoint.prune(ckpt_dir, t.keep_checkpoints)
     bar.close()
@@ -215,6 +227,12 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
                           "train_seconds": _train_seconds(stats_path)})
     log(f"wrote {final}")
     return final
+
+
+@torch.no_grad()
+def _update_target(target: torch.nn.Module, model: torch.nn.Module, mu: float) -> None:
+    for p_t, p in zip(target.parameters(), model.parameters(), strict=True):
+        p_t.lerp_(p.detach(), 1 - mu)
 
 
 def _train_seconds(stats_path: Path) -> float:

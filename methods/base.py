@@ -31,8 +31,12 @@ class Method:
         raise NotImplementedError
 
     def loss(self, model: torch.nn.Module, x0: torch.Tensor, *, progress: float, labels=None,
-             teacher=None) -> dict[str, torch.Tensor]:
-        """Return {"loss": scalar to optimize, ...other scalars to log}."""
+             teacher=None, target=None) -> dict[str, torch.Tensor]:
+        """Return {"loss": scalar to optimize, ...other scalars to log}.
+
+        `teacher`: a ConvertedTeacher for distillation methods; `target`: the EMA target network theta- when
+        `target_decay` is not None (else None: such methods use sg(model)).
+        """
         raise NotImplementedError
 
     def sample(self, model: torch.nn.Module, z: torch.Tensor, steps: int, *, randn: Randn,
@@ -43,6 +47,11 @@ class Method:
     def nfe(self, steps: int) -> int:
         """Network evaluations per sample for `steps` sampler steps."""
         return steps
+
+    def target_decay(self, progress: float) -> float | None:
+        """EMA rate mu of a target network theta- <- mu theta- + (1 - mu) theta, updated by the loop after each
+        optimizer step (CM, CTM); None means no target copy is kept."""
+        return None
 
     def extra_modules(self) -> dict[str, torch.nn.Module]:
         """Extra trainable parts (a discriminator, ...), optimized and checkpointed by the loop."""

@@ -11,29 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from common.conventions import ConvertedTeacher, append_dims, edm_precond
+from common.conventions import ConvertedTeacher, append_dims
 from common.ode import heun_sample
+from common.precond import EDMDenoiser
 from common.schedules import karras_sigmas, lognormal_sigma
 
 from .base import Method, Randn
 from .registry import register
-
-
-class EDMDenoiser(torch.nn.Module):
-    """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise): EDM's preconditioning around the shared backbone."""
-
-    def __init__(self, backbone: torch.nn.Module, sigma_data: float = 0.5):
-        super().__init__()
-        self.backbone = backbone
-        self.sigma_data = sigma_data
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels=None) -> torch.Tensor:
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        if sigma.numel() == 1:
-            sigma = sigma.expand(x.shape[0])
-        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in edm_precond(sigma, self.sigma_data))
-        F = self.backbone((c_in * x).to(x.dtype), c_noise.flatten(), labels=labels)
-        return (c_skip * x + c_out * F.to(torch.float32)).to(x.dtype)
 
 
 @register
@@ -56,7 +40,7 @@ class EDMTeacher(Method):
     def build_model(self, backbone):
         return EDMDenoiser(backbone, self.sigma_data)
 
-    def loss(self, model, x0, *, progress, labels=None, teacher=None):
+    def loss(self, model, x0, *, progress, labels=None, teacher=None, target=None):
         sigma = lognormal_sigma(x0.shape[0], self.P_mean, self.P_std, device=x0.device)
         weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
         noise = torch.randn_like(x0) * append_dims(sigma, x0.ndim)
