@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from common.config import from_dict, Config, resolve_run, with_overrides
+from common.config import Config, from_dict, resolve_run, with_overrides
 from common.gmm import GaussianMixture
 from common.models import load_trained
 from common.sample import StackedRandomGenerator, image_seeds
