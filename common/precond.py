@@ -17,8 +17,8 @@ from .conventions import SIGMA_DATA, SIGMA_MIN, append_dims, cm_boundary_precond
 
 
 def _per_sample(v, x: torch.Tensor) -> torch.Tensor:
-    """A noise level or time as a float32 vector [N] (fp32 even under autocast: METHODS.md 6)."""
-    v = torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1)
+    """A noise level or time as a vector [N] in at least float32 (fp32 even under bf16 autocast: METHODS.md 6)."""
+    v = torch.as_tensor(v, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device).reshape(-1)
     return v.expand(x.shape[0]) if v.numel() == 1 else v
 
 
@@ -93,7 +93,8 @@ class TrigFlowModel(torch.nn.Module):
         """f(x_t, t) = cos t x_t - sin t sigma_d F: the one-step jump to data (sCM eq. 6)."""
         t = _per_sample(t, x_t)
         tt = append_dims(t, x_t.ndim)
-        return torch.cos(tt) * x_t - torch.sin(tt) * self.sigma_data * self(x_t, t, labels)
+        f = torch.cos(tt) * x_t - torch.sin(tt) * self.sigma_data * self(x_t, t, labels)
+        return torch.where(tt == 0, x_t, f)  # the boundary f(x, 0) = x, also where the "edm" time input is ln 0
 
 
 TRIGFLOW_T_MAX = math.atan(80.0 / SIGMA_DATA)

@@ -25,6 +25,8 @@ LABELS = {
     "kid_cnn": "KID-CNN",
 }
 REFERENCE_METHOD = "teacher"
+# Rows in the order of the papers' lineage (CM -> iCT -> ECT -> CTM -> sCM -> FACM); others follow alphabetically.
+METHOD_ORDER = ["teacher", "cd", "ct", "ict", "ect", "ctm", "sct", "scd", "facm"]
 
 
 def tidy(metrics_files: list[str | Path]) -> pd.DataFrame:
@@ -47,8 +49,8 @@ def _kind(df: pd.DataFrame, dataset: str) -> str:
 
 
 def _method_order(methods) -> list[str]:
-    rest = sorted(m for m in methods if m != REFERENCE_METHOD)
-    return ([REFERENCE_METHOD] if REFERENCE_METHOD in set(methods) else []) + rest
+    known = [m for m in METHOD_ORDER if m in set(methods)]
+    return known + sorted(set(methods) - set(METHOD_ORDER))
 
 
 def table(df: pd.DataFrame, dataset: str, metric: str) -> pd.DataFrame:
