@@ -36,8 +36,8 @@ Choices of ours (each a field, the paper's value as default unless said):
 - The sampler starts from x = sigma_d z at t_max = arctan(80 / sigma_d) as the paper does; the exact TrigFlow
   image of the EDM start point 80 z is cos(t_max) 80 z = sin(t_max) sigma_d z, a relative difference of
   1 - sin(t_max) = 2.0e-5 (far below any error we measure).
-- f(x, 0) = x exactly with "identity"; with "edm", c_noise(0) = ln 0 = -inf, so t = 0 itself must not be
-  evaluated (it never is: training draws sigma = e^tau > 0 and sampling stops at the last intermediate time).
+- f(x, 0) = x exactly with either time input (TrigFlowModel.consistency returns x_t where t = 0, so the "edm"
+  time input's ln 0 never reaches the output; training draws sigma = e^tau > 0 anyway).
 - needs_logvar_head stays True even with adaptive_weighting off (the head is then unused and gets no gradient).
 """
 
