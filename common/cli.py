@@ -1,7 +1,8 @@
 """`cmbench` (also `python -m common.cli`): one command per pipeline stage, explicit inputs and outputs.
 
 Snakemake rules and users call the same commands.  Every user-facing failure is one line on stderr and
-exit status 2; nothing already written is removed.
+exit status 2 (PREEMPTED_EXIT_STATUS, 75, after SIGTERM/SIGUSR1 and a checkpoint); nothing already written is
+removed.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from .errors import CmbenchError
 from .fsutil import atomic_write, atomic_write_json
@@ -44,11 +46,14 @@ def cmd_features(args) -> None:
 
 def cmd_train(args) -> None:
     from .config import load_config, resolve_run
+    from .preemption import stop_on_signals
     from .train import train
 
     config = load_config(args.config)
     run = resolve_run(config, args.dataset, args.method, args.seed, source=args.config)
-    train(run, args.out, data_path=args.data, teacher_dir=args.teacher, archive_stale=args.archive_stale)
+    with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: checkpoint, exit PREEMPTED_EXIT_STATUS, rerun resumes
+        train(run, args.out, data_path=args.data, teacher_dir=args.teacher, archive_stale=args.archive_stale,
+              stop=stop)
 
 
 def cmd_sample(args) -> None:
@@ -57,6 +62,7 @@ def cmd_sample(args) -> None:
     from .config import to_dict
     from .device import resolve_device
     from .models import load_trained
+    from .compute import sampling_compute
     from .sample import generate
 
     if args.steps < 1:
@@ -66,10 +72,14 @@ def cmd_sample(args) -> None:
     device = resolve_device(args.device)
     run, method, model, item_shape = load_trained(args.run, device, args.weights)
     batch = args.batch_size or run.eval.batch_size
+    tick = time.perf_counter()
     samples, latents, labels = generate(method, model, item_shape, args.n, args.steps, args.seed, batch, device,
                                         run.network.label_dim)
+    seconds = time.perf_counter() - tick
     meta = {"run": to_dict(run), "run_dir": str(args.run), "steps": args.steps, "nfe": method.nfe(args.steps),
-            "sample_seed": args.seed, "weights": args.weights, "start_sigma": method.start_sigma}
+            "sample_seed": args.seed, "weights": args.weights, "start_sigma": method.start_sigma,
+            "compute": sampling_compute(args.run, method, model, item_shape, args.steps, device,
+                                        run.network.label_dim, seconds / args.n)}
     arrays = {"samples": samples.numpy(), "latents": latents.numpy(), "meta": np.array(json.dumps(meta))}
     if labels is not None:
         arrays["labels"] = labels.numpy()
@@ -97,7 +107,7 @@ def cmd_grid(args) -> None:
 def cmd_report(args) -> None:
     from .report import write_summary
 
-    paths = write_summary(args.metrics, args.out_dir)
+    paths = write_summary(args.metrics, args.out_dir, args.published)
     print("wrote " + ", ".join(str(p) for p in paths))
 
 
@@ -167,9 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="PNG file")
     s.set_defaults(func=cmd_grid)
 
-    s = sub.add_parser("report", help="metrics files -> results/summary (CSV, Markdown, DVC metrics, plot)")
+    s = sub.add_parser("report", help="metrics files -> results/summary (CSV, Markdown, LaTeX, DVC metrics, plots)")
     s.add_argument("--metrics", nargs="+", required=True)
     s.add_argument("--out-dir", required=True)
+    s.add_argument("--published", help="CSV of published FIDs shown beside ours (config/published_fid.csv)")
     s.set_defaults(func=cmd_report)
 
     s = sub.add_parser("track", help="ingest run folders and metrics into MLflow (the single writer)")
@@ -191,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except CmbenchError as e:
         print(f"cmbench {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_status", 2)  # Preempted: PREEMPTED_EXIT_STATUS
     return 0
 
 

@@ -49,7 +49,8 @@ def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", dev
         metrics = _image_metrics(run, x, cache_dir, device, log, data_path, feature_net)
     return {"dataset": run.dataset, "method": run.method, "seed": run.seed, "steps": meta["steps"],
             "nfe": meta["nfe"], "sample_seed": meta["sample_seed"], "n_samples": len(samples),
-            "weights": meta["weights"], "metrics": metrics, "protocol": _protocol(run, len(samples))}
+            "weights": meta["weights"], "metrics": metrics, "protocol": _protocol(run, len(samples)),
+            "compute": meta.get("compute", {})}
 
 
 def _gmm_metrics(run: RunConfig, x: torch.Tensor, latents, meta) -> dict:

@@ -18,16 +18,17 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint
+from . import checkpoint, compute
 from .config import RunConfig, to_dict
 from .data import batch_indices, data_hash, load_dataset, load_prepared
 from .device import describe, resolve_device
 from .ema import EMA
-from .errors import CheckpointError, ConfigError, TrainingError
-from .fsutil import atomic_write_json, atomic_write_text
+from .errors import CheckpointError, ConfigError, Preempted, TrainingError
+from .fsutil import append_line, atomic_write_json, atomic_write_text
 from .models import build_backbone, build_method, check_compatible, load_trained
 
 FINAL = "final.pt"
+FAILURE = "failure.json"  # the last attempt's error (non-finite stop); tracking marks the MLflow run FAILED
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -78,6 +79,18 @@ def _load_teacher(run: RunConfig, teacher_dir: str | None, device):
     return t_method, t_model
 
 
+def _check_teacher_given(method, run: RunConfig, teacher_dir: str | None) -> None:
+    """Fail before reading data or building networks when the method needs a teacher run and none is given."""
+    if teacher_dir is not None:
+        return
+    if method.needs_teacher and run.data.kind != "gmm":
+        raise ConfigError(f"method '{run.method}' distills a teacher: pass --teacher RUN_DIR (a trained 'teacher' "
+                          f"run on '{run.dataset}')")
+    if (run.train.init or method.default_init) == "teacher":
+        raise ConfigError(f"method '{run.method}' starts from the teacher's weights: pass --teacher RUN_DIR "
+                          f"or set train.init: random")
+
+
 def _distillation_teacher(method, run: RunConfig, t_method, t_model):
     """What a distillation method distills: the exact mixture on gmm (METHODS.md 10), else the trained teacher."""
     if not method.needs_teacher:
@@ -93,11 +106,16 @@ def _distillation_teacher(method, run: RunConfig, t_method, t_model):
 
 
 def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teacher_dir: str | None = None,
-          archive_stale: bool = False, progress_bar: bool | None = None, log=print) -> Path:
-    """Train (or resume, or do nothing if finished) and return the path of final.pt."""
+          archive_stale: bool = False, progress_bar: bool | None = None, log=print, stop=None) -> Path:
+    """Train (or resume, or do nothing if finished) and return the path of final.pt.
+
+    `stop` (common.preemption.StopRequest): once it is set, the loop checkpoints at the next step boundary and
+    raises Preempted.
+    """
     out = Path(out)
     method = build_method(run)
     check_compatible(method, run.network)
+    _check_teacher_given(method, run, teacher_dir)
     _check_run_folder(out, run, archive_stale)
     final = out / FINAL
     if final.exists():
@@ -146,8 +164,10 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
             target.load_state_dict(state["target"])
         start = state["step"]
         log(f"resumed from step {start}")
+    counters = state.get("counters") if state is not None else None  # absent in checkpoints of older versions
     stats_path = out / "stats.jsonl"
     _truncate_stats(stats_path, start)
+    (out / FAILURE).unlink(missing_ok=True)  # a new attempt; rewritten if it fails again
 
     t = run.train
     n_params = sum(p.numel() for p in model.parameters())
@@ -157,7 +177,20 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     labels_all = data.labels.to(device) if (data.labels is not None and run.network.label_dim > 0) else None
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp == "bf16")
     sums: dict[str, float] = {}
-    count, nonfinite_run, nonfinite_total, last_finite = 0, 0, 0, float("nan")
+    count = 0
+    nonfinite_run, nonfinite_total, last_finite = (counters["nonfinite_run"], counters["nonfinite_total"],
+                                                   counters["last_finite"]) if counters else (0, 0, float("nan"))
+
+    def save_checkpoint(done: int) -> None:
+        checkpoint.save(checkpoint.step_path(ckpt_dir, done), {
+            "step": done, "model": model.state_dict(), "ema": ema.module.state_dict(),
+            "optimizer": optimizer.state_dict(), "extras": {k: m.state_dict() for k, m in extras.items()},
+            "target": target.state_dict() if target is not None else None,
+            "counters": {"nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total,
+                         "last_finite": last_finite},
+        })
+        checkpoint.prune(ckpt_dir, t.keep_checkpoints)
+
     tick = time.perf_counter()
     bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, disable=progress_bar is False
                if progress_bar is not None else None, mininterval=2.0, desc=f"{run.method}/{run.dataset}")
@@ -195,28 +228,33 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
             nonfinite_run += 1
             nonfinite_total += 1
             if nonfinite_run >= t.max_nonfinite:
-                raise TrainingError(f"{nonfinite_run} non-finite losses or gradients in a row at step {step} of "
-                                    f"{run.method}/{run.dataset} (last finite loss {last_finite:.4g}); lower "
-                                    f"train.lr or set train.grad_clip")
+                message = (f"{nonfinite_run} non-finite losses or gradients in a row at step {step} of "
+                           f"{run.method}/{run.dataset} (last finite loss {last_finite:.4g}); lower train.lr or "
+                           f"set train.grad_clip")
+                atomic_write_json(out / FAILURE, {"status": "FAILED", "step": step, "error": message,
+                                                  "nonfinite_total": nonfinite_total, "last_finite_loss": last_finite})
+                raise TrainingError(message)
         done = step + 1
         if done % t.log_every == 0 or done == t.iterations:
             now = time.perf_counter()
             row = {"step": done, "kimg": done * t.batch_size / 1000, "lr": optimizer.param_groups[0]["lr"],
                    "sec_per_iter": (now - tick) / max(count + nonfinite_run, 1), "nonfinite_total": nonfinite_total}
             row.update({k: v / max(count, 1) for k, v in sums.items()})
-            with open(stats_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_line(stats_path, json.dumps(row))
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}")
             sums, count, tick = {}, 0, now
-        if done % t.checkpoint_every == 0 or done == t.iterations:
-            checkpoint.save(checkpoint.step_path(ckpt_dir, done), {
-                "step": done, "model": model.state_dict(), "ema": ema.module.state_dict(),
-                "optimizer": optimizer.state_dict(), "extras": {k: m.state_dict() for k, m in extras.items()},
-                "target": target.state_dict() if target is not None else None,
-            })
-            checkpoint.prune(ckpt_dir, t.keep_checkpoints)
+        if done % t.checkpoint_every == 0 or done == t.iterations or stop:
+            save_checkpoint(done)
+        if stop and done < t.iterations:
+            bar.close()
+            raise Preempted(f"{stop.signal} received: checkpoint written at step {done} of {t.iterations} in "
+                            f"{ckpt_dir}; rerun the same command to resume")
     bar.close()
     digest = data_hash(data)
+    first = batch_indices(len(data), t.batch_size, run.seed, 0).to(device)
+    flops = compute.train_iteration_flops(method, model, x_all[first], teacher=teacher, target=target,
+                                          labels=labels_all[first] if labels_all is not None else None)
+    seconds = _train_seconds(stats_path)
     checkpoint.save(final, {
         "step": t.iterations, "model": model.state_dict(), "ema": ema.module.state_dict(),
         "item_shape": list(data.item_shape), "data_hash": digest, "n_params": n_params,
@@ -224,7 +262,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     })
     atomic_write_json(out / "run_info.json", {"n_params": n_params, "data_hash": digest, "device": describe(device),
                           "iterations": t.iterations, "batch_size": t.batch_size, "init": init,
-                          "train_seconds": _train_seconds(stats_path)})
+                          "train_seconds": seconds, "sec_per_iter": seconds / t.iterations,
+                          "train_flops_per_iter": flops, "train_flops_total": flops * t.iterations})
     log(f"wrote {final}")
     return final
 
@@ -238,8 +277,7 @@ def _update_target(target: torch.nn.Module, model: torch.nn.Module, mu: float) -
 def _train_seconds(stats_path: Path) -> float:
     """Wall time of the training steps, summed over every invocation that contributed to the run."""
     total, prev = 0.0, 0
-    for line in stats_path.read_text().splitlines():
-        row = json.loads(line)
+    for row in _read_stats(stats_path):
         total += row["sec_per_iter"] * (row["step"] - prev)
         prev = row["step"]
     return total
@@ -247,9 +285,20 @@ def _train_seconds(stats_path: Path) -> float:
 
 
 
+def _read_stats(path: Path) -> list[dict]:
+    """The rows of stats.jsonl; a line torn by a kill in mid-append is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 def _truncate_stats(path: Path, step: int) -> None:
-    """Drop stats lines past the resumed step, so a resumed run's history has no duplicates."""
+    """Drop stats lines past the resumed step (and torn ones), so a resumed run's history has no duplicates."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+    rows = [row for row in _read_stats(path) if row["step"] <= step]
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -9,6 +9,7 @@ import yaml
 
 from common.config import Config, from_dict, resolve_run, to_dict
 from common.errors import CmbenchError
+from common.report import SUMMARY_NAMES
 from snakemake.exceptions import WorkflowError
 
 try:
@@ -79,8 +80,7 @@ RUNS = [(d, m, s) for d in CFG.datasets for m in CFG.methods for s in CFG.seeds]
 SAMPLED = [(d, m, s, k) for d, m, s in RUNS for k in run_config(d, m, s).eval.steps]
 METRICS = [f"results/metrics/{d}/{m}/seed{s}/steps{k}.json" for d, m, s, k in SAMPLED]
 GRIDS = [f"results/grids/{d}/{m}/seed{s}/steps{k}.png" for d, m, s, k in SAMPLED]
-SUMMARY_FILES = [f"results/summary/{name}" for name in
-                 ("results.csv", "table.md", "metrics.json", "quality_vs_nfe.png", "quality_vs_nfe.csv")]
+SUMMARY_FILES = [f"results/summary/{name}" for name in SUMMARY_NAMES]
 TRACKING_RECORD = "results/tracking/mlflow.json"
 
 

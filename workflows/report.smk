@@ -1,9 +1,11 @@
-# Stage: report. Every metrics file -> results/summary (tidy CSV, Table-1 Markdown, DVC metrics, seaborn plot).
+# Stage: report. Every metrics file -> results/summary (tidy CSV, Table-1 Markdown and LaTeX with bootstrap
+# CIs over seeds, compute table, DVC metrics, seaborn plots).
 
 
 rule report:
     input:
-        METRICS,
+        metrics=METRICS,
+        published="config/published_fid.csv",
     output:
         SUMMARY_FILES,
     params:
@@ -13,4 +15,5 @@ rule report:
     log:
         "results/logs/report.log",
     shell:
-        "{params.cmbench} report --metrics {input} --out-dir results/summary > {log} 2>&1"
+        "{params.cmbench} report --metrics {input.metrics} --published {input.published} --out-dir results/summary "
+        "> {log} 2>&1"
