@@ -2,8 +2,8 @@
 
 import torch
 
-from common.models import build_backbone, build_method
 from common.compute import count_flops, sampling_flops, train_iteration_flops
+from common.models import build_backbone, build_method
 from tests.methods.conftest import make_run
 
 
