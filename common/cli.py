@@ -59,10 +59,10 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     import numpy as np
 
+    from .compute import sampling_compute
     from .config import to_dict
     from .device import resolve_device
     from .models import load_trained
-    from .compute import sampling_compute
     from .sample import generate
 
     if args.steps < 1:
