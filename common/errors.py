@@ -19,3 +19,16 @@ class CheckpointError(CmbenchError):
 
 class TrainingError(CmbenchError):
     """Training cannot go on (e.g. non-finite losses)."""
+
+
+class OutputError(CmbenchError):
+    """An output file cannot be written (read-only folder, disk full); what was there before is intact."""
+
+
+PREEMPTED_EXIT_STATUS = 75  # sysexits EX_TEMPFAIL: "try again later"; any nonzero status makes Snakemake retry
+
+
+class Preempted(CmbenchError):
+    """SIGTERM or SIGUSR1 arrived: a checkpoint was written at a step boundary; rerun the command to resume."""
+
+    exit_status = PREEMPTED_EXIT_STATUS
