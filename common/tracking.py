@@ -4,7 +4,8 @@ Jobs (local or SLURM) only write files; this step logs them, so many jobs never 
 MLflow run per (dataset, method, seed) holds the resolved config as params, the training curves from
 stats.jsonl as metric histories, each evaluation metric as a history over NFE (and flat as `<metric>_nfe<k>`),
 sample grids and summary plots as artifacts, and tags for the git commit and the data hash.  Re-ingesting
-unchanged files is a no-op; changed files replace the old MLflow run.
+unchanged files is a no-op; changed files replace the old MLflow run.  A run folder whose training stopped with an
+error (failure.json, no final.pt) becomes a FAILED MLflow run with its curves so far and the error as a tag.
 """
 
 from __future__ import annotations
@@ -124,7 +125,10 @@ def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: l
         key = (config["dataset"], config["method"], int(config["seed"]))
         key_str = f"{key[0]}/{key[1]}/seed{key[2]}"
         info_path = run_dir / "run_info.json"
-        files = [run_dir / "config.json", run_dir / "stats.jsonl", info_path, *metric_paths[key], *grid_paths[key]]
+        failure_path = run_dir / "failure.json"
+        failure = json.loads(failure_path.read_text()) if failure_path.exists() else None
+        files = [run_dir / "config.json", run_dir / "stats.jsonl", info_path, failure_path, *metric_paths[key],
+                 *grid_paths[key]]
         fingerprint = _fingerprint([f for f in files if f.exists()])
         existing = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key_str}'")
         if any(r.data.tags.get(FINGERPRINT_TAG) == fingerprint for r in existing):
@@ -137,6 +141,8 @@ def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: l
         tags = {KEY_TAG: key_str, FINGERPRINT_TAG: fingerprint, "mlflow.runName": key_str, "dataset": key[0],
                 "method": key[1], "seed": str(key[2]), "git_commit": commit, "data_hash": info.get("data_hash", ""),
                 "device": info.get("device", ""), "run_dir": str(run_dir)}
+        if failure is not None:
+            tags["cmbench.error"] = failure["error"][:5000]
         started, ended = _run_times(run_dir)
         run = client.create_run(exp_id, start_time=started, tags=tags)
         run_id = run.info.run_id
@@ -159,16 +165,17 @@ def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: l
                 metrics.append(Metric(f"{name}_nfe{m['nfe']}", float(value), 0, 0))
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
-        for f in (run_dir / "config.json", stats, info_path):
+        for f in (run_dir / "config.json", stats, info_path, failure_path):
             if f.exists():
                 client.log_artifact(run_id, str(f), "run")
         for f in metric_paths[key]:
             client.log_artifact(run_id, str(f), "metrics")
         for f in grid_paths[key]:
             client.log_artifact(run_id, str(f), "samples")
-        client.set_terminated(run_id, "FINISHED", end_time=ended)
+        status = "FAILED" if failure is not None else "FINISHED"
+        client.set_terminated(run_id, status, end_time=ended)
         ids[key_str] = run_id
-        log(f"{key_str}: logged to MLflow run {run_id}")
+        log(f"{key_str}: logged to MLflow run {run_id}" + (f" as FAILED ({failure['error']})" if failure else ""))
     if summary_files:
         ids["summary"] = _log_summary(client, exp_id, list(map(Path, summary_files)), commit, log)
     return exp_id, ids
