@@ -13,7 +13,7 @@ import sys
 import time
 
 from .errors import CmbenchError
-from .fsutil import atomic_write, atomic_write_json
+from .fsutil import atomic_write, atomic_write_json, check_writable
 
 
 def cmd_prepare(args) -> None:
@@ -69,6 +69,7 @@ def cmd_sample(args) -> None:
         raise CmbenchError(f"--steps must be >= 1, got {args.steps}")
     if args.n < 1:
         raise CmbenchError(f"--n must be >= 1, got {args.n}")
+    check_writable(args.out)
     device = resolve_device(args.device)
     run, method, model, item_shape = load_trained(args.run, device, args.weights)
     batch = args.batch_size or run.eval.batch_size
@@ -91,6 +92,7 @@ def cmd_evaluate(args) -> None:
     from .device import resolve_device
     from .evaluate import evaluate
 
+    check_writable(args.out)
     result = evaluate(args.samples, args.cache, resolve_device(args.device), data_path=args.data,
                       feature_net=args.feature_net)
     atomic_write_json(args.out, result)
@@ -201,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except CmbenchError as e:
-        print(f"cmbench {args.command}: error: {e}", file=sys.stderr)
+        one_line = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # e.g. tarfile's reasons
+        print(f"cmbench {args.command}: error: {one_line}", file=sys.stderr)
         return getattr(e, "exit_status", 2)  # Preempted: PREEMPTED_EXIT_STATUS
     return 0
 

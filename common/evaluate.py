@@ -17,6 +17,7 @@ from .data import load_dataset, load_prepared
 from .errors import DataError
 
 GMM_REFERENCE_SEED = 2**31 - 1  # fresh "real" points for the energy distance; never a training seed
+META_KEYS = ("run", "steps", "nfe", "sample_seed", "weights")
 
 
 def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
@@ -33,6 +34,13 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
     if not np.isfinite(samples).all():
         bad = int((~np.isfinite(samples)).reshape(len(samples), -1).any(1).sum())
         raise DataError(f"{path}: {bad} of {len(samples)} samples contain NaN or inf; the sampler or the run diverged")
+    if samples.ndim < 2 or len(samples) < 2:
+        raise DataError(f"{path}: samples have shape {samples.shape}; expected [N >= 2, ...] (points or images)")
+    if latents is not None and latents.shape != samples.shape:
+        raise DataError(f"{path}: latents have shape {latents.shape} but samples {samples.shape}; the file is damaged")
+    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise DataError(f"{path}: meta lacks {', '.join(missing)}; write samples files with `cmbench sample`")
     return samples, latents, meta
 
 
@@ -44,6 +52,10 @@ def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", dev
     device = device or torch.device("cpu")
     x = torch.from_numpy(samples)
     if run.data.kind == "gmm":
+        dim = len(run.data.gmm.means[0])
+        if x.ndim != 2 or x.shape[1] != dim:
+            raise DataError(f"{samples_path}: samples have shape {tuple(x.shape)} but {run.dataset} points are "
+                            f"[N, {dim}]; sample from a run of this dataset")
         metrics = _gmm_metrics(run, x, latents, meta)
     else:
         metrics = _image_metrics(run, x, cache_dir, device, log, data_path, feature_net)

@@ -55,6 +55,18 @@ def atomic_write(path: str | Path, write) -> None:
     fsync_dir(path.parent)
 
 
+def check_writable(path: str | Path) -> None:
+    """Fail before any compute if the output file `path` could not be created (its folder is made if needed)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise _output_error(path, e) from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
