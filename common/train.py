@@ -255,15 +255,16 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     flops = compute.train_iteration_flops(method, model, x_all[first], teacher=teacher, target=target,
                                           labels=labels_all[first] if labels_all is not None else None)
     seconds = _train_seconds(stats_path)
+    # run_info.json before final.pt: final.pt marks the run done, so a kill between the two must not lose run_info
+    atomic_write_json(out / "run_info.json", {"n_params": n_params, "data_hash": digest, "device": describe(device),
+                          "iterations": t.iterations, "batch_size": t.batch_size, "init": init,
+                          "train_seconds": seconds, "sec_per_iter": seconds / t.iterations,
+                          "train_flops_per_iter": flops, "train_flops_total": flops * t.iterations})
     checkpoint.save(final, {
         "step": t.iterations, "model": model.state_dict(), "ema": ema.module.state_dict(),
         "item_shape": list(data.item_shape), "data_hash": digest, "n_params": n_params,
         "config": run.to_json(),
     })
-    atomic_write_json(out / "run_info.json", {"n_params": n_params, "data_hash": digest, "device": describe(device),
-                          "iterations": t.iterations, "batch_size": t.batch_size, "init": init,
-                          "train_seconds": seconds, "sec_per_iter": seconds / t.iterations,
-                          "train_flops_per_iter": flops, "train_flops_total": flops * t.iterations})
     log(f"wrote {final}")
     return final
 
