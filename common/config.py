@@ -122,7 +122,8 @@ def from_dict(cls: type, data: Any, where: str = "", source: str = "<config>"):
 def to_dict(obj) -> Any:
     """Plain JSON-able data from (nested) dataclasses."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_if_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, list | tuple):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -242,6 +243,9 @@ class TrainSpec:
     amp: Literal["none", "bf16"] = "none"
     compile: bool = False
     init: Literal["random", "teacher"] | None = None  # None: the method's paper default
+    # Data-parallel processes (one per GPU; gloo processes on CPU), launched by torchrun (common/distributed.py);
+    # batch_size is the global batch.  Left out of config.json at 1, so runs made before it existed stay valid.
+    devices: int = field(default=1, metadata={"omit_if_default": True})
 
     def __post_init__(self):
         require(self.iterations >= 1, "iterations", "must be >= 1")
@@ -251,6 +255,9 @@ class TrainSpec:
         require(self.log_every >= 1 and self.checkpoint_every >= 1, "log_every", "intervals must be >= 1")
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
+        require(self.devices >= 1, "devices", "must be >= 1")
+        require(self.batch_size % self.devices == 0, "batch_size",
+                f"must be a multiple of train.devices ({self.devices}): each process takes an equal share")
         require(self.ema_halflife_kimg >= 0, "ema_halflife_kimg", "must be >= 0")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 "must be auto, cpu, cuda or cuda:N")
@@ -284,6 +291,24 @@ class EvalSpec:
 
 
 @dataclass
+class InceptionSpec:
+    """Opt-in Inception FID for one dataset, from torch-fidelity and clean-fid side by side (ASSETS.md).
+
+    Kept out of the run config on purpose: turning it on rescores samples and never retrains a run.
+    """
+
+    enabled: bool = False
+    n: int = 1000  # images per FID: samples, reference set, and the second real set of the real-vs-real baseline
+    weights: str | None = None  # official torch-fidelity file, or 'default_1' (opt-in); None: $CMBENCH_INCEPTION_WEIGHTS
+    batch_size: int = 50
+    seed: int = 0  # which real images form the reference set and the baseline set
+
+    def __post_init__(self):
+        require(self.n >= 2, "n", "must be >= 2")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass
 class MethodOverrides:
     """Per-method settings: paper hyperparameters (`params`) and changes to training and sampling."""
 
@@ -300,6 +325,7 @@ class DatasetEntry:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     methods: dict[str, MethodOverrides] = field(default_factory=dict)  # dataset-specific method overrides
+    inception: InceptionSpec = field(default_factory=InceptionSpec)
 
 
 @dataclass
@@ -322,6 +348,10 @@ class Config:
     methods: dict[str, MethodOverrides] = field(default_factory=lambda: {"teacher": MethodOverrides()})
     seeds: list[int] = field(default_factory=lambda: [0])
     workflow: WorkflowSpec = field(default_factory=WorkflowSpec)
+    # Named partial configs (e.g. "cpu": a budget that fits 2 CPU cores) merged over the file when selected
+    # with `budget: NAME` (`snakemake --config budget=cpu`); see `config_from_data`.
+    budget: str | None = None
+    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         require(len(self.datasets) >= 1, "datasets", "needs at least one dataset")
@@ -357,7 +387,22 @@ def load_config(path: str | Path) -> Config:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return from_dict(Config, data, "", str(path))
+    return config_from_data(data, str(path))
+
+
+def config_from_data(data: Any, source: str) -> Config:
+    """The typed Config of a file's data, with the selected budget (if any) merged over it first."""
+    if isinstance(data, dict) and data.get("budget") is not None:
+        budgets = data.get("budgets") or {}
+        name = data["budget"]
+        if name not in budgets:
+            raise ConfigError(f"{source}: budget: unknown budget '{name}' (defined here: "
+                              f"{', '.join(sorted(budgets)) or 'none'})")
+        over = budgets[name]
+        if not isinstance(over, dict) or {"budget", "budgets"} & set(over):
+            raise ConfigError(f"{source}: budgets.{name}: must be a mapping of config keys (not budget/budgets)")
+        data = _deep_merge(data, over)
+    return from_dict(Config, data, "", source)
 
 
 def resolve_run(config: Config, dataset: str, method: str, seed: int, source: str = "<config>") -> RunConfig:

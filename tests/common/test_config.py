@@ -4,8 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from common.config import Config, RunConfig, from_dict, load_config, resolve_run, to_dict
+from common.config import Config, RunConfig, config_from_data, from_dict, load_config, resolve_run, to_dict
 from common.errors import ConfigError
 
 MINIMAL = """
@@ -100,10 +101,32 @@ def test_run_config_json_round_trip(tmp_path):
     assert to_dict(back) == to_dict(run)
 
 
-def test_shipped_configs_load():
+def test_shipped_configs_load_with_every_budget():
     root = Path(__file__).resolve().parents[2]
-    for name in ("config/config.yaml", "config/smoke.yaml"):
-        cfg = load_config(root / name)
-        for ds in cfg.datasets:
-            for m in cfg.methods:
-                resolve_run(cfg, ds, m, 0, source=name)
+    for path in sorted((root / "config").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        for budget in [None, *(data.get("budgets") or {})]:
+            cfg = config_from_data({**data, "budget": budget}, path.name)
+            for ds in cfg.datasets:
+                for m in cfg.methods:
+                    resolve_run(cfg, ds, m, 0, source=path.name)
+
+
+BUDGETS = MINIMAL + """
+budgets:
+  cpu:
+    seeds: [0, 1]
+    datasets: {pts: {train: {iterations: 3}}}
+"""
+
+
+def test_budget_merges_over_the_file_and_unknown_budget_is_named(tmp_path):
+    base = load_config(write(tmp_path, BUDGETS))
+    assert base.seeds == [0] and base.datasets["pts"].train.iterations == 10
+    cpu = load_config(write(tmp_path, BUDGETS + "budget: cpu\n"))
+    assert cpu.seeds == [0, 1] and cpu.datasets["pts"].train.iterations == 3
+    assert cpu.datasets["pts"].train.lr == 1e-4  # untouched keys stay
+    with pytest.raises(ConfigError, match="unknown budget 'gpu' \\(defined here: cpu\\)"):
+        load_config(write(tmp_path, BUDGETS + "budget: gpu\n"))
+    with pytest.raises(ConfigError, match="unknown key 'datasets.pts.train.iters'"):
+        load_config(write(tmp_path, BUDGETS.replace("iterations: 3", "iters: 3") + "budget: cpu\n"))
