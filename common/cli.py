@@ -44,6 +44,26 @@ def cmd_features(args) -> None:
     print(f"wrote {args.out}: FD-CNN({args.dataset}) classifier, training accuracy {acc:.4f}")
 
 
+def cmd_inception_ref(args) -> None:
+    from .config import load_config
+    from .data import load_dataset, load_prepared
+    from .device import resolve_device
+    from .metrics.inception_fid import build_reference
+
+    config = load_config(args.config)
+    if args.dataset not in config.datasets:
+        raise CmbenchError(f"{args.config}: unknown dataset '{args.dataset}'")
+    entry = config.datasets[args.dataset]
+    if entry.data.kind == "gmm":
+        raise CmbenchError(f"{args.config}: dataset '{args.dataset}' holds points; Inception FID is for images")
+    check_writable(args.out)
+    ds = load_prepared(args.data) if args.data else load_dataset(entry.data)
+    meta = build_reference(ds, entry.inception, f"datasets.{args.dataset}.inception", args.out, args.cache,
+                           resolve_device(args.device))
+    print(f"wrote {args.out}: {meta['weights_label']}, N = {meta['n']}, real-vs-real FID torch-fidelity "
+          f"{meta['fid_torch_fidelity_real']:.4g}, clean-fid {meta['fid_clean_fid_real']:.4g}")
+
+
 def cmd_train(args) -> None:
     from .config import load_config, resolve_run
     from .preemption import stop_on_signals
@@ -91,13 +111,18 @@ def cmd_sample(args) -> None:
 def cmd_evaluate(args) -> None:
     from .device import resolve_device
     from .evaluate import evaluate
+    from .grids import save_grid
 
     check_writable(args.out)
+    if args.grid:
+        check_writable(args.grid)
     result = evaluate(args.samples, args.cache, resolve_device(args.device), data_path=args.data,
                       feature_net=args.feature_net)
     atomic_write_json(args.out, result)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float | int))
     print(f"{result['method']}/{result['dataset']} NFE {result['nfe']}: {shown}")
+    if args.grid:  # the picture comes with the score: one process (and one torch import) less per samples file
+        save_grid(args.samples, args.grid)
 
 
 def cmd_grid(args) -> None:
@@ -142,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_features)
 
+    s = sub.add_parser("inception-ref", help="Inception reference statistics and real-vs-real FID of a dataset")
+    s.add_argument("--config", required=True)
+    s.add_argument("--dataset", required=True)
+    s.add_argument("--data", help="prepared data file (default: read the dataset from its source)")
+    s.add_argument("--out", required=True, help="reference file, e.g. data/features/mnist/inception_ref.npz")
+    s.add_argument("--cache", default="data/cache", help="folder for the converted default_1 weights")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_inception_ref)
+
     s = sub.add_parser("train", help="train one (dataset, method, seed); rerun the same command to resume")
     s.add_argument("--config", required=True)
     s.add_argument("--dataset", required=True)
@@ -168,9 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="score a samples file (exact metrics on gmm, FD-CNN on images)")
     s.add_argument("--samples", required=True)
     s.add_argument("--out", required=True, help="metrics file (.json)")
+    s.add_argument("--grid", help="also draw the samples to this PNG (as `cmbench grid`)")
     s.add_argument("--data", help="prepared data file (reference images; default: read from the source)")
     s.add_argument("--feature-net", help="FD-CNN classifier from `cmbench features` (default: train into --cache)")
     s.add_argument("--cache", default="data/cache", help="folder for cached FD-CNN classifiers")
+    s.add_argument("--inception-ref", help="reference file from `cmbench inception-ref`: adds Inception FID from "
+                   "torch-fidelity and clean-fid")
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_evaluate)
 

@@ -77,10 +77,15 @@ def teacher_run(dataset):
     return run_dir(dataset, "teacher", CFG.workflow.teacher_seed)
 
 
+SAMPLES_FILE = "results/samples/{dataset}/{method}/seed{seed}/steps{steps}.npz"
+METRICS_FILE = "results/metrics/{dataset}/{method}/seed{seed}/steps{steps}.json"
+GRID_FILE = "results/grids/{dataset}/{method}/seed{seed}/steps{steps}.png"
+
+
 RUNS = [(d, m, s) for d in CFG.datasets for m in CFG.methods for s in CFG.seeds]
 SAMPLED = [(d, m, s, k) for d, m, s in RUNS for k in run_config(d, m, s).eval.steps]
-METRICS = [f"results/metrics/{d}/{m}/seed{s}/steps{k}.json" for d, m, s, k in SAMPLED]
-GRIDS = [f"results/grids/{d}/{m}/seed{s}/steps{k}.png" for d, m, s, k in SAMPLED]
+METRICS = [METRICS_FILE.format(dataset=d, method=m, seed=s, steps=k) for d, m, s, k in SAMPLED]
+GRIDS = [GRID_FILE.format(dataset=d, method=m, seed=s, steps=k) for d, m, s, k in SAMPLED]
 SUMMARY_FILES = [f"results/summary/{name}" for name in SUMMARY_NAMES]
 TRACKING_RECORD = "results/tracking/mlflow.json"
 
@@ -106,15 +111,19 @@ def _teacher_arg(w, input):
 
 
 def _evaluate_inputs(w):
-    inputs = {"samples": f"results/samples/{w.dataset}/{w.method}/seed{w.seed}/steps{w.steps}.npz"}
+    inputs = {"samples": SAMPLES_FILE.format(**w)}
     if is_image(w.dataset):
         inputs["data"] = f"data/prepared/{w.dataset}.pt"
         inputs["features"] = f"data/features/{w.dataset}/fdcnn.pt"
+        if CFG.datasets[w.dataset].inception.enabled:
+            inputs["inception"] = f"data/features/{w.dataset}/inception_ref.npz"
     return inputs
 
 
 def _evaluate_args(w, input):
     keys = set(input.keys())
-    return (f"--data {input.data} " if "data" in keys else "") + (
-        f"--feature-net {input.features}" if "features" in keys else ""
+    return (
+        (f"--data {input.data} " if "data" in keys else "")
+        + (f"--feature-net {input.features} " if "features" in keys else "")
+        + (f"--inception-ref {input.inception}" if "inception" in keys else "")
     )

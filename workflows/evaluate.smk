@@ -1,11 +1,12 @@
-# Stage: evaluate. A samples file -> metrics JSON (exact metrics on gmm, FD-CNN on images) and a picture.
+# Stage: evaluate. A samples file -> metrics JSON (exact metrics on gmm, FD-CNN on images) and its picture.
 
 
 rule evaluate:
     input:
         unpack(_evaluate_inputs),
     output:
-        "results/metrics/{dataset}/{method}/seed{seed}/steps{steps}.json",
+        metrics=METRICS_FILE,
+        grid=GRID_FILE,
     params:
         cmbench=CMBENCH,
         extra=_evaluate_args,
@@ -16,19 +17,4 @@ rule evaluate:
         "results/logs/evaluate/{dataset}/{method}/seed{seed}/steps{steps}.log",
     shell:
         "OMP_NUM_THREADS={threads} {params.cmbench} evaluate --samples {input.samples} {params.extra} --device cpu "
-        "--out {output} > {log} 2>&1"
-
-
-rule grid:
-    input:
-        "results/samples/{dataset}/{method}/seed{seed}/steps{steps}.npz",
-    output:
-        "results/grids/{dataset}/{method}/seed{seed}/steps{steps}.png",
-    params:
-        cmbench=CMBENCH,
-    conda:
-        "envs/cmbench.yaml"
-    log:
-        "results/logs/grid/{dataset}/{method}/seed{seed}/steps{steps}.log",
-    shell:
-        "{params.cmbench} grid --samples {input} --out {output} > {log} 2>&1"
+        "--out {output.metrics} --grid {output.grid} > {log} 2>&1"
