@@ -1,0 +1,139 @@
+"""Concurrency: 8 processes writing metrics files at the same moment, then MLflow ingestion into the real sqlite
+store, loses or duplicates no metric; a second Snakemake on the same folder is refused by Snakemake's lock."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.config import load_config, resolve_run, to_dict
+from common.fsutil import atomic_write_text
+from common.gmm import GaussianMixture
+from tests.reliability.conftest import env
+
+WRITERS = 8
+SEEDS, STEPS = (0, 1), (1, 2, 3, 4)  # 2 runs x 4 step counts = 8 metrics files
+
+
+def _evaluate_at_once(barrier, argv) -> None:
+    """A forked job: wait for all 8, then run `cmbench evaluate` (score, then write its metrics file)."""
+    from common.cli import main
+
+    barrier.wait(timeout=300)
+    os._exit(main(argv))
+
+
+def test_eight_concurrent_writers_then_ingest_lose_nothing(config_file, tmp_path):
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from common.tracking import ingest
+
+    config = load_config(config_file)
+    gmm = GaussianMixture.from_spec(config.datasets["pts"].data.gmm)
+    jobs, run_dirs = [], []
+    for seed in SEEDS:
+        run = resolve_run(config, "pts", "teacher", seed)
+        run_dir = tmp_path / "runs" / f"seed{seed}"
+        atomic_write_text(run_dir / "config.json", run.to_json())
+        run_dirs.append(run_dir)
+        for steps in STEPS:
+            points = gmm.sample(64, generator=torch.Generator().manual_seed(100 * seed + steps)).float().numpy()
+            meta = {"run": to_dict(run), "run_dir": str(run_dir), "steps": steps, "nfe": 2 * steps - 1,
+                    "sample_seed": 0, "weights": "ema", "start_sigma": 80.0}
+            samples = tmp_path / "samples" / f"seed{seed}-steps{steps}.npz"
+            samples.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(samples, samples=points, meta=np.array(json.dumps(meta)))
+            out = tmp_path / "metrics" / f"seed{seed}" / f"steps{steps}.json"
+            jobs.append(["evaluate", "--samples", str(samples), "--out", str(out), "--device", "cpu"])
+    assert len(jobs) == WRITERS
+
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(WRITERS)
+    procs = [ctx.Process(target=_evaluate_at_once, args=(barrier, argv)) for argv in jobs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    assert [p.exitcode for p in procs] == [0] * WRITERS
+
+    files = sorted((tmp_path / "metrics").rglob("*.json"))
+    assert len(files) == WRITERS and not list((tmp_path / "metrics").rglob("*.tmp"))
+    written = {}  # (seed, nfe, metric) -> value, from the files
+    for f in files:
+        m = json.loads(f.read_text())
+        for name, value in m["metrics"].items():
+            written[(m["seed"], m["nfe"], name)] = float(value)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for _attempt in range(2):  # the second ingestion of unchanged files must change nothing
+        _, ids = ingest(run_dirs, files, [], [], uri, "concurrency", str(tmp_path / "artifacts"), log=lambda m: None)
+    client = MlflowClient(uri)
+    found, lost, duplicated = 0, [], []
+    for seed in SEEDS:
+        run_id = ids[f"pts/teacher/seed{seed}"]
+        names = {name for (s, _, name) in written if s == seed}
+        for name in names:
+            history = client.get_metric_history(run_id, f"eval/{name}")
+            by_nfe = {}
+            for point in history:
+                by_nfe.setdefault(point.step, []).append(point.value)
+            for steps in STEPS:
+                nfe = 2 * steps - 1
+                values = by_nfe.get(nfe, [])
+                flat = client.get_metric_history(run_id, f"{name}_nfe{nfe}")
+                if not values or not flat:
+                    lost.append((seed, nfe, name))
+                elif len(values) > 1 or len(flat) > 1:
+                    duplicated.append((seed, nfe, name))
+                else:
+                    assert values[0] == flat[0].value == written[(seed, nfe, name)]
+                    found += 1
+    assert len(client.search_runs([client.get_experiment_by_name("concurrency").experiment_id])) == len(SEEDS)
+    assert (lost, duplicated) == ([], [])
+    assert found == len(written)
+    print(f"{WRITERS} concurrent writers, {len(written)} metrics written, {found} in MLflow, lost {len(lost)}, "
+          f"duplicated {len(duplicated)}")
+
+
+def _copy_repo(dest: Path) -> None:
+    from tests.test_workflow import _copy_repo as copy_like_a_clone
+
+    copy_like_a_clone(dest)
+
+
+def test_second_snakemake_on_the_same_folder_is_refused_by_the_lock(tmp_path):
+    snakemake = Path(sys.executable).parent / "snakemake"
+    if not snakemake.exists():
+        pytest.skip("snakemake is not installed in this environment")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    cmd = [str(snakemake), "--cores", "1", "all", "--configfile", "config/smoke.yaml"]
+    first = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # its own process group: we stop exactly it and its jobs
+    try:
+        locks = repo / ".snakemake" / "locks"
+        end = time.monotonic() + 300
+        while not (locks.is_dir() and any(locks.iterdir())):
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.monotonic() < end, "first snakemake never took its lock"
+            time.sleep(0.2)
+        second = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=300)
+        text = second.stdout + second.stderr
+        assert second.returncode != 0, text[-3000:]
+        assert "LockException" in text or "Directory cannot be locked" in text, text[-3000:]
+        assert first.poll() is None  # the first run goes on, untouched
+        print("second snakemake refused: " + next(ln for ln in text.splitlines() if "lock" in ln.lower()))
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
