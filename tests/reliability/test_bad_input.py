@@ -152,3 +152,17 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "unknown key 'datasets.pts.train.lrr'" in proc.stderr
+
+
+def test_fid_weights_missing_or_wrong_hash(tmp_path, monkeypatch):
+    """The FID-weights rows of the table (common/metrics/inception.py, checked before either FID library runs)."""
+    inception = pytest.importorskip("common.metrics.inception")
+    from common.errors import CmbenchError
+
+    monkeypatch.delenv(inception.ENV_VAR, raising=False)
+    cases = [(None, "no weights are given"), (str(tmp_path / "nope.pth"), "Inception weights file not found"),
+             (_file(tmp_path, inception.OFFICIAL_NAME, b"not the weights"), "is not the official Inception file")]
+    for setting, words in cases:
+        with pytest.raises(CmbenchError, match=words) as info:
+            inception.resolve_weights(setting, "eval.fid.weights", tmp_path / "cache")
+        assert len(str(info.value).splitlines()) == 1

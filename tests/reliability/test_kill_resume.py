@@ -64,6 +64,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(config_file, reference, t
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         kills.append(FINAL_KILL)
         assert (out / "final.pt.sha256").exists() and not (out / "final.pt").exists()
+        assert (out / "run_info.json").exists()  # written before final.pt, so the finished run keeps it
 
     proc = run_cli(train_cmd(config_file, out))
     assert proc.returncode == 0, proc.stderr[-2000:]
