@@ -5,9 +5,18 @@
 Rules call the `cmbench` CLI; outputs are predictable from wildcards; checkpoints live beside the outputs.
 """
 
+import signal
+import threading
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# SLURM's warning signal (`--signal=USR1@300`, slurm/config.yaml) reaches every process of a job step, this
+# Snakemake included; its default action would kill Snakemake and SLURM would then kill the trainer before it
+# checkpoints. Ignore it here; `cmbench train` installs its own handler (common/preemption.py).
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 # The quick track is the default; `--configfile FILE` replaces it (Snakemake would otherwise merge the two).
