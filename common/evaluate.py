@@ -45,8 +45,10 @@ def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]
 
 
 def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", device=None, log=print,
-             data_path: str | Path | None = None, feature_net: str | Path | None = None) -> dict:
-    """`data_path`: the prepared dataset (else read from its source); `feature_net`: FD-CNN weights (else cached)."""
+             data_path: str | Path | None = None, feature_net: str | Path | None = None,
+             inception_ref: str | Path | None = None) -> dict:
+    """`data_path`: the prepared dataset (else read from its source); `feature_net`: FD-CNN weights (else cached);
+    `inception_ref`: a file from `cmbench inception-ref`, which turns on Inception FID from both libraries."""
     samples, latents, meta = read_samples(samples_path)
     run = from_dict(RunConfig, meta["run"], "meta.run", str(samples_path))
     device = device or torch.device("cpu")
@@ -56,12 +58,14 @@ def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", dev
         if x.ndim != 2 or x.shape[1] != dim:
             raise DataError(f"{samples_path}: samples have shape {tuple(x.shape)} but {run.dataset} points are "
                             f"[N, {dim}]; sample from a run of this dataset")
-        metrics = _gmm_metrics(run, x, latents, meta)
+        if inception_ref is not None:
+            raise DataError(f"{samples_path}: Inception FID is for images; {run.dataset} holds points")
+        metrics, extra = _gmm_metrics(run, x, latents, meta), {}
     else:
-        metrics = _image_metrics(run, x, cache_dir, device, log, data_path, feature_net)
+        metrics, extra = _image_metrics(run, x, cache_dir, device, log, data_path, feature_net, inception_ref)
     return {"dataset": run.dataset, "method": run.method, "seed": run.seed, "steps": meta["steps"],
             "nfe": meta["nfe"], "sample_seed": meta["sample_seed"], "n_samples": len(samples),
-            "weights": meta["weights"], "metrics": metrics, "protocol": _protocol(run, len(samples)),
+            "weights": meta["weights"], "metrics": metrics, "protocol": {**_protocol(run, len(samples)), **extra},
             "compute": meta.get("compute", {})}
 
 
@@ -88,12 +92,19 @@ def _gmm_metrics(run: RunConfig, x: torch.Tensor, latents, meta) -> dict:
     return metrics
 
 
-def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log, data_path, feature_net) -> dict:
+def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log, data_path, feature_net,
+                   inception_ref=None) -> tuple[dict, dict]:
+    """(metrics, protocol fields beyond FD-CNN's)."""
     from .metrics.fd_cnn import check_classifier, fd_cnn, load_or_train
 
     ds = load_prepared(data_path) if data_path else load_dataset(run.data)
     if tuple(x.shape[1:]) != ds.item_shape:
         raise DataError(f"samples have shape {tuple(x.shape[1:])} but {run.dataset} items are {ds.item_shape}")
+    if inception_ref is not None:  # every Inception check before any network runs
+        from .metrics import inception_fid
+
+        ref = inception_fid.load_reference(inception_ref)
+        inception_weights = inception_fid.check_reference(ref, ds, len(x), cache_dir)
     if feature_net is not None:
         check_classifier(feature_net, ds, run.eval.fd_cnn)
         weights = feature_net
@@ -103,7 +114,12 @@ def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log, data
     if run.eval.n_reference is not None:
         g = torch.Generator().manual_seed(0)
         reference = reference[torch.randperm(len(reference), generator=g)[: run.eval.n_reference]]
-    return fd_cnn(x, reference, weights, device)
+    metrics, extra = fd_cnn(x, reference, weights, device), {}
+    if inception_ref is not None:
+        log(f"{inception_weights.label} at N = {ref.meta['n']}: torch-fidelity and clean-fid")
+        inception_metrics, extra = inception_fid.score(x, ref, inception_weights, device)
+        metrics.update(inception_metrics)
+    return metrics, extra
 
 
 def _protocol(run: RunConfig, n: int) -> dict:

@@ -187,7 +187,12 @@ def _shown(df: pd.DataFrame, dataset: str) -> list[str]:
 
 
 def _label(df: pd.DataFrame, dataset: str, metric: str) -> str:
-    return LABELS[metric] + (f"({dataset})" if metric.endswith("_cnn") else "")
+    label = LABELS[metric] + (f"({dataset})" if metric.endswith("_cnn") else "")
+    if metric.startswith("fid_") and "protocol_inception_label" in df:  # rows from default_1 weights say so
+        weights = set(df.loc[df.dataset == dataset, "protocol_inception_label"].dropna())
+        if any("default_1" in w for w in weights):
+            label = label.removesuffix(")") + "; default_1 weights)"
+    return label
 
 
 def compute_table(df: pd.DataFrame) -> pd.DataFrame:

@@ -52,3 +52,24 @@ rule feature_net:
     shell:
         "OMP_NUM_THREADS={threads} {params.cmbench} features --config {params.config_file} --dataset {wildcards.dataset} "
         "--data {input} --out {output} > {log} 2>&1"
+
+
+# Opt-in per dataset (datasets.<name>.inception.enabled): Inception statistics of N real images for both FID
+# libraries and the real-vs-real FID of N other real images, computed once and hashed into every metrics row.
+rule inception_reference:
+    input:
+        "data/prepared/{dataset}.pt",
+    output:
+        "data/features/{dataset}/inception_ref.npz",
+    params:
+        cmbench=CMBENCH,
+        config_file=CONFIG_FILE,
+        spec=lambda w: json.dumps(to_dict(CFG.datasets[w.dataset].inception), sort_keys=True),
+    threads: 2
+    conda:
+        "envs/cmbench.yaml"
+    log:
+        "results/logs/inception_ref/{dataset}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} {params.cmbench} inception-ref --config {params.config_file} "
+        "--dataset {wildcards.dataset} --data {input} --out {output} > {log} 2>&1"

@@ -189,3 +189,31 @@ def fd_cnn(samples: torch.Tensor, reference: torch.Tensor, weights_path: str | P
     if kid:
         result["kid_cnn"] = float(out["kernel_inception_distance_mean"])
     return result
+
+# ---------------------------------------------------------------------------------------------------
+# clean-fid plumbing: the same features through clean-fid's `custom_feat_extractor`
+
+
+def clean_fid_extractor(net: FeatureCNN):
+    """(feature_fn, resize_fn) for clean-fid: float [N, 3, H, W] in [0, 255] -> 128-d; images keep their size."""
+    import numpy as np
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return net.features(x[:, : net.in_channels] / 127.5 - 1.0)
+
+    def keep_size(img: np.ndarray) -> np.ndarray:  # clean-fid accepts only uint8 or float32 here
+        return img.astype(np.float32)
+
+    return features, keep_size
+
+
+def fd_cnn_clean_fid(samples: torch.Tensor, reference: torch.Tensor, weights_path: str | Path,
+                     device: torch.device) -> float:
+    """FD-CNN of samples vs reference (both in [-1, 1]) computed by clean-fid instead of torch-fidelity."""
+    from . import libraries
+
+    features, keep_size = clean_fid_extractor(load_classifier(weights_path, device))
+    stats = [libraries.statistics("clean_fid", libraries.clean_fid_features(
+        to_uint8_images(x), features, 500, device, resize=keep_size)) for x in (samples, reference)]
+    return libraries.frechet("clean_fid", *stats)
