@@ -15,11 +15,13 @@ import torch
 
 
 def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], method: str = "autograd",
-        eps: float = 1e-3):
+        eps: float = 1e-3, primal_out: torch.Tensor | None = None):
     """(fn(*primals), directional derivative of fn at primals along tangents), both without graph history.
 
-    method "finite_difference": (fn(p + eps v) - fn(p - eps v)) / (2 eps), error O(eps^2); `fn` is then called
-    three times, so pass a function whose randomness is fixed (SharedRandomness) if it uses dropout.
+    method "finite_difference": (fn(p + eps v) - fn(p - eps v)) / (2 eps), error O(eps^2); `fn` is called at
+    both points (and at primals unless the caller passes `primal_out`, the value it already has: two calls instead
+    of three), so pass a function whose randomness is fixed (SharedRandomness) if it uses dropout.  The autograd
+    path computes the primal inside the same forward pass anyway and ignores `primal_out`.
     """
     primals, tangents = tuple(primals), tuple(tangents)
     if method == "autograd":
@@ -27,7 +29,7 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
             return torch.func.jvp(fn, primals, tangents)
     if method == "finite_difference":
         with torch.no_grad():
-            out = fn(*primals)
+            out = fn(*primals) if primal_out is None else primal_out.detach()
             plus = fn(*(p + eps * v for p, v in zip(primals, tangents, strict=True)))
             minus = fn(*(p - eps * v for p, v in zip(primals, tangents, strict=True)))
         return out, (plus - minus) / (2 * eps)

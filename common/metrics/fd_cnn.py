@@ -160,17 +160,24 @@ def _register() -> None:
 
 
 class _U8Images(torch.utils.data.Dataset):
-    """uint8 [3, H, W] items, the input torch-fidelity expects (grayscale replicated to 3 channels)."""
+    """uint8 [3, H, W] items, the input torch-fidelity expects (grayscale replicated to 3 channels).
+
+    Contiguous, and `__getitems__` hands the DataLoader a whole batch in one indexing call instead of one Python
+    call per image (benchmarks/results.md: the per-item path was slower than torch-fidelity on plain tensors).
+    """
 
     def __init__(self, x: torch.Tensor):
         u8 = to_uint8_images(x)
-        self.x = u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8
+        self.x = (u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8).contiguous()
 
     def __len__(self):
         return len(self.x)
 
     def __getitem__(self, i):
         return self.x[i]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        return list(self.x[torch.as_tensor(indices)].unbind(0))
 
 
 def fd_cnn(samples: torch.Tensor, reference: torch.Tensor, weights_path: str | Path, device: torch.device,
@@ -189,6 +196,7 @@ def fd_cnn(samples: torch.Tensor, reference: torch.Tensor, weights_path: str | P
     if kid:
         result["kid_cnn"] = float(out["kernel_inception_distance_mean"])
     return result
+
 
 # ---------------------------------------------------------------------------------------------------
 # clean-fid plumbing: the same features through clean-fid's `custom_feat_extractor`

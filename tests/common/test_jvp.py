@@ -35,3 +35,21 @@ def test_shared_randomness_replays_dropout():
     with shared.replay():
         b = drop(x)
     assert torch.equal(a, b) and not torch.equal(a, drop(x))
+
+
+def test_finite_difference_reuses_a_given_primal():
+    """With the primal passed in, the fallback calls fn twice (not three times) and returns the same derivative."""
+    calls = []
+
+    def counted(x, t):
+        calls.append(1)
+        return fn(x, t)
+
+    x = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.rand(4, dtype=torch.float64) + 0.5
+    v = (torch.randn_like(x), torch.randn_like(t))
+    out, d = jvp(counted, (x, t), v, method="finite_difference", eps=1e-4)
+    assert len(calls) == 3
+    calls.clear()
+    out2, d2 = jvp(counted, (x, t), v, method="finite_difference", eps=1e-4, primal_out=fn(x, t))
+    assert len(calls) == 2 and torch.equal(out, out2) and torch.equal(d, d2)

@@ -1,0 +1,80 @@
+"""JVP implementations on the sCM network (TrigFlow F on the dataset's backbone): accuracy against a float64
+forward-mode reference and cost relative to one forward pass."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from common.config import Config, resolve_run
+from common.conventions import append_dims
+from common.data import load_dataset
+from common.jvp import jvp
+from common.models import build_backbone, build_method
+
+from .timing import interleaved, median, paired_ratio
+
+
+@dataclass
+class JVPRow:
+    name: str
+    calls: str
+    seconds: float
+    vs_forward: float
+    rel_error: float
+
+
+def _problem(config: Config, dataset: str, batch: int):
+    run = resolve_run(config, dataset, "sct", 0)
+    data = load_dataset(run.data)
+    method = build_method(run)
+    torch.manual_seed(0)
+    model = method.build_model(build_backbone(run.network, data.item_shape)).eval().requires_grad_(False)
+    x0 = data.x[:batch]
+    t, _ = method.sample_t(len(x0))
+    tt = append_dims(t, x0.ndim)
+    z = torch.randn_like(x0) * method.sigma_data
+    x_t = torch.cos(tt) * x0 + torch.sin(tt) * z
+    cs = torch.cos(t) * torch.sin(t)
+    tangent = (append_dims(cs, x0.ndim) * (torch.cos(tt) * z - torch.sin(tt) * x0), cs)  # sCT's tangent
+    return model, (x_t, t), tangent
+
+
+def measure(config: Config, dataset: str, batch: int, repeats: int, eps: float = 1e-3) -> list[JVPRow]:
+    model, primals, tangents = _problem(config, dataset, batch)
+    fn = model.forward
+    model64 = copy.deepcopy(model).double()
+    _, ref = torch.func.jvp(model64.forward, tuple(p.double() for p in primals), tuple(v.double() for v in tangents))
+    primal = fn(*primals)
+
+    def double_backward():
+        """torch.autograd.functional.jvp: reverse mode twice (the 'double-vjp trick'), for kernels without
+        forward-mode AD but with double backward."""
+        return torch.autograd.functional.jvp(fn, primals, tangents)
+
+    impls = {
+        "forward (no grad)": ("1 forward", lambda: (primal, torch.zeros_like(primal))),
+        "torch.func.jvp": ("1 forward with tangents", lambda: jvp(fn, primals, tangents, "autograd")),
+        f"finite difference, eps {eps:g}": ("3 forwards", lambda: jvp(fn, primals, tangents, "finite_difference",
+                                                                      eps)),
+        f"finite difference, eps {eps:g}, primal given": ("2 forwards", lambda: jvp(
+            fn, primals, tangents, "finite_difference", eps, primal_out=primal)),
+        "double backward (autograd.functional.jvp)": ("forward + 2 backward", double_backward),
+    }
+    calls = {"forward (no grad)": lambda r: _nograd(fn, primals)}
+    calls.update({name: (lambda r, f=f: f()) for name, (_, f) in list(impls.items())[1:]})
+    times = interleaved(calls, repeats)
+    rows = []
+    for name, (what, f) in impls.items():
+        _, d = f()
+        err = 0.0 if name.startswith("forward") else float((d.double() - ref).norm() / ref.norm())
+        rows.append(JVPRow(name, what, median(times[name]), paired_ratio(times[name], times["forward (no grad)"]),
+                           err))
+    return rows
+
+
+def _nograd(fn, primals):
+    with torch.no_grad():
+        return fn(*primals)
