@@ -246,6 +246,10 @@ class TrainSpec:
     # Data-parallel processes (one per GPU; gloo processes on CPU), launched by torchrun (common/distributed.py);
     # batch_size is the global batch.  Left out of config.json at 1, so runs made before it existed stay valid.
     devices: int = field(default=1, metadata={"omit_if_default": True})
+    # GPU speed switches (benchmarks/results.md, "GPU plan"); results equal the plain path within rounding
+    # (tests/common/test_gpu_options.py).  Left out of config.json when off, so older runs stay valid.
+    channels_last: bool = field(default=False, metadata={"omit_if_default": True})  # NHWC UNet activations
+    fused_optimizer: bool = field(default=False, metadata={"omit_if_default": True})  # Adam's fused kernel
 
     def __post_init__(self):
         require(self.iterations >= 1, "iterations", "must be >= 1")
@@ -259,6 +263,8 @@ class TrainSpec:
         require(self.batch_size % self.devices == 0, "batch_size",
                 f"must be a multiple of train.devices ({self.devices}): each process takes an equal share")
         require(self.ema_halflife_kimg >= 0, "ema_halflife_kimg", "must be >= 0")
+        require(not self.fused_optimizer or self.optimizer == "adam", "fused_optimizer",
+                "only optimizer: adam has a fused kernel (set fused_optimizer: false for radam)")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 "must be auto, cpu, cuda or cuda:N")
 

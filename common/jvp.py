@@ -22,13 +22,18 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
     both points (and at primals unless the caller passes `primal_out`, the value it already has: two calls instead
     of three), so pass a function whose randomness is fixed (SharedRandomness) if it uses dropout.  The autograd
     path computes the primal inside the same forward pass anyway and ignores `primal_out`.
+
+    Both run with autocast off, in the inputs' precision: under bf16 autocast torch.func.jvp fails (torch 2.14: a
+    convolution's tangent stays float32 while autocast casts its weight, tests/common/test_gpu_options.py), and a
+    finite difference of bf16 outputs would cancel to noise; the sCM paper keeps the tangent in high precision too.
     """
     primals, tangents = tuple(primals), tuple(tangents)
+    full_precision = torch.autocast(primals[0].device.type, enabled=False)
     if method == "autograd":
-        with torch.no_grad():
+        with torch.no_grad(), full_precision:
             return torch.func.jvp(fn, primals, tangents)
     if method == "finite_difference":
-        with torch.no_grad():
+        with torch.no_grad(), full_precision:
             out = fn(*primals) if primal_out is None else primal_out.detach()
             plus = fn(*(p + eps * v for p, v in zip(primals, tangents, strict=True)))
             minus = fn(*(p - eps * v for p, v in zip(primals, tangents, strict=True)))

@@ -67,7 +67,8 @@ def _check_run_folder(out: Path, run: RunConfig, archive_stale: bool) -> None:
 def _make_optimizer(run: RunConfig, params):
     t = run.train
     cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[t.optimizer]
-    return cls(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    fused = {"fused": True} if t.fused_optimizer else {}  # one kernel for all parameters (config-checked: adam)
+    return cls(params, lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay, **fused)
 
 
 def _load_teacher(run: RunConfig, teacher_dir: str | None, device):
@@ -141,6 +142,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         if unexpected:
             raise ConfigError(f"teacher backbone does not fit '{run.method}' (unexpected keys {unexpected[:3]})")
         log(f"initialized from the teacher ({len(missing)} new parameter tensors)")
+    if run.train.channels_last:  # NHWC convolutions (tensor cores); EMA and target copies follow
+        model.to(memory_format=torch.channels_last)
     extras = {k: m.to(device) for k, m in method.extra_modules().items()}
     trainable = list(model.parameters()) + [p for m in extras.values() for p in m.parameters()]
     optimizer = _make_optimizer(run, trainable)
