@@ -26,11 +26,10 @@ FORMAT_VERSION = 1
 
 
 def library_versions() -> str:
-    import cleanfid
-    import torch_fidelity
+    from importlib.metadata import version
 
-    return (f"torch-fidelity {torch_fidelity.__version__} ({inception.TORCH_FIDELITY_EXTRACTOR}, TF-1.x bilinear "
-            f"resize in graph); clean-fid {cleanfid.__version__} (mode clean, PIL bicubic resize)")
+    return (f"torch-fidelity {version('torch-fidelity')} ({inception.TORCH_FIDELITY_EXTRACTOR}, TF-1.x bilinear "
+            f"resize in graph); clean-fid {version('clean-fid')} (mode clean, PIL bicubic resize)")
 
 
 class Scorer:
