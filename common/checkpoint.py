@@ -79,6 +79,20 @@ def load_latest(folder: Path, map_location="cpu", log=print) -> dict | None:
     return None
 
 
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete temporary files that a killed writer left (`.<name>.<random>.tmp`); return how many.
+
+    A kill inside a checkpoint write leaves a full-size temporary file; a run preempted every day would otherwise
+    fill the disk with them.  Only one trainer owns a run folder (Snakemake's lock), so none is being written now.
+    """
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def prune(folder: Path, keep: int) -> None:
     for _, path in list_steps(folder)[keep:]:
         path.unlink(missing_ok=True)

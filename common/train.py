@@ -155,6 +155,9 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         model.compile()
 
     ckpt_dir = out / "checkpoints"
+    for folder in (out, ckpt_dir):  # before this process writes anything (other ranks, if any, write after step 1)
+        if n := checkpoint.remove_stale_temporaries(folder):
+            log(f"removed {n} temporary file(s) left in {folder} by an interrupted write")
     state = checkpoint.load_latest(ckpt_dir, map_location=device, log=log)
     start = 0
     if state is not None:

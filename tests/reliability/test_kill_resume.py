@@ -39,6 +39,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(config_file, reference, t
         assert proc.returncode == -signal.SIGKILL, (hook, proc.returncode, proc.stderr[-2000:])
         kills.append(hook)
     assert not (out / "checkpoints" / "ckpt-00000035.pt").exists()  # the kill left a sidecar without data
+    assert list((out / "checkpoints").glob(".ckpt-*.tmp"))  # and a full-size temporary file
 
     rng = random.Random(7)
     for i in range(TIMER_KILLS):
@@ -69,6 +70,7 @@ def test_sigkill_anywhere_then_resume_is_bitwise_exact(config_file, reference, t
     proc = run_cli(train_cmd(config_file, out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_bitwise_equal(reference, final_states(out))
+    assert not list(out.rglob("*.tmp"))  # the temporary files the kills left behind were removed
     rows = [json.loads(line) for line in (out / "stats.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, ITERATIONS + 1))  # no torn or doubled row
     with capsys.disabled():
