@@ -6,7 +6,7 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart test lint bench bench-full
 
 # pip takes torch 2.14.1 / torchvision 0.29.1 from the machine's local wheels (pinned in pyproject.toml)
 $(VENV)/.installed: pyproject.toml
@@ -27,3 +27,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/snakemake --lint
+
+# Performance figures -> benchmarks/results.md (a few minutes); bench-full adds the quick track end to end (~25 min)
+bench: install
+	$(BIN)/python -m benchmarks
+
+bench-full: install
+	$(BIN)/python -m benchmarks --quick-track

@@ -19,6 +19,7 @@ from .timing import interleaved, median, paired_ratio
 
 @dataclass
 class SampleRow:
+    dataset: str
     method: str
     steps: int
     nfe: int
@@ -53,14 +54,14 @@ def measure(config: Config, dataset: str, methods: list[str], repeats: int, step
         n = run.eval.batch_size
         z = torch.randn(n, *data.item_shape)
         for steps in steps_list:
-            row = _measure_one(method, model, z, steps, data.item_shape, repeats)
+            row = _measure_one(dataset, method, model, z, steps, data.item_shape, repeats)
             log(f"  sample {dataset}/{name} {steps} steps: sampler x{row.sampler_ratio:.3f}, "
                 f"generate x{row.generate_ratio:.3f}")
             rows.append(row)
     return rows
 
 
-def _measure_one(method, model, z, steps: int, item_shape, repeats: int) -> SampleRow:
+def _measure_one(dataset, method, model, z, steps: int, item_shape, repeats: int) -> SampleRow:
     n = z.shape[0]
     forward = _forward_fn(method, model, z)
     calls = {
@@ -71,7 +72,7 @@ def _measure_one(method, model, z, steps: int, item_shape, repeats: int) -> Samp
     times = interleaved(calls, repeats)
     nfe = method.nfe(steps)
     per = [f * nfe for f in times["forward"]]
-    return SampleRow(method.name, steps, nfe, median(times["forward"]), paired_ratio(times["sampler"], per),
+    return SampleRow(dataset, method.name, steps, nfe, median(times["forward"]), paired_ratio(times["sampler"], per),
                      paired_ratio(times["generate"], per))
 
 
