@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, compute
+from . import checkpoint, compute, distributed
 from .config import RunConfig, to_dict
 from .data import batch_indices, data_hash, load_dataset, load_prepared
-from .device import describe, resolve_device
+from .device import describe
 from .ema import EMA
 from .errors import CheckpointError, ConfigError, Preempted, TrainingError
 from .fsutil import append_line, atomic_write_json, atomic_write_text
@@ -117,7 +117,12 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     method = build_method(run)
     check_compatible(method, run.network)
     _check_teacher_given(method, run, teacher_dir)
-    _check_run_folder(out, run, archive_stale)
+    ranks, device = distributed.setup(run.train.device, run.train.devices)  # one process unless torchrun
+    if ranks.is_main:
+        _check_run_folder(out, run, archive_stale)
+    else:
+        log = _quiet
+    distributed.barrier(ranks)
     final = out / FINAL
     if final.exists():
         try:
@@ -126,7 +131,6 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
             return final
         except CheckpointError as e:
             log(f"warning: {e}; training again from the last checkpoint")
-    device = resolve_device(run.train.device)
     data = load_prepared(data_path) if data_path else load_dataset(run.data)
     teacher_method, teacher_model = _load_teacher(run, teacher_dir, device)
     teacher = _distillation_teacher(method, run, teacher_method, teacher_model)
@@ -145,6 +149,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     if run.train.channels_last:  # NHWC convolutions (tensor cores); EMA and target copies follow
         model.to(memory_format=torch.channels_last)
     extras = {k: m.to(device) for k, m in method.extra_modules().items()}
+    for m in (model, *extras.values()):
+        distributed.broadcast_module(m, ranks)
     trainable = list(model.parameters()) + [p for m in extras.values() for p in m.parameters()]
     optimizer = _make_optimizer(run, trainable)
     ema = EMA(model, run.train.ema_halflife_kimg, run.train.ema_rampup_ratio)
@@ -198,14 +204,15 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         checkpoint.prune(ckpt_dir, t.keep_checkpoints)
 
     tick = time.perf_counter()
-    bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, disable=progress_bar is False
-               if progress_bar is not None else None, mininterval=2.0, desc=f"{run.method}/{run.dataset}")
+    bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, disable=(progress_bar is False
+               if progress_bar is not None else None) if ranks.is_main else True, mininterval=2.0,
+               desc=f"{run.method}/{run.dataset}")
     model.train()
     if target is not None:
         target.train()  # same dropout behaviour as the online network (CM uses the same mask for both)
     for step in bar:
-        torch.manual_seed(step_seed(run.seed, step))
-        idx = batch_indices(len(data), t.batch_size, run.seed, step).to(device)
+        torch.manual_seed(distributed.rank_seed(step_seed(run.seed, step), ranks.rank))
+        idx = distributed.shard(batch_indices(len(data), t.batch_size, run.seed, step), ranks).to(device)
         x0 = x_all[idx]
         labels = labels_all[idx] if labels_all is not None else None
         for group in optimizer.param_groups:
@@ -215,9 +222,10 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
                                 target=target)
         loss = terms["loss"]
         optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+        finite = distributed.all_true(bool(torch.isfinite(loss)), ranks, device)  # all ranks step or none
         if finite:
             loss.backward()
+            distributed.average_gradients(trainable, ranks)  # what DDP would do; see common/distributed.py
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or math.inf)
             finite = bool(torch.isfinite(grad_norm))
         if finite:
@@ -237,25 +245,33 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
                 message = (f"{nonfinite_run} non-finite losses or gradients in a row at step {step} of "
                            f"{run.method}/{run.dataset} (last finite loss {last_finite:.4g}); lower train.lr or "
                            f"set train.grad_clip")
-                atomic_write_json(out / FAILURE, {"status": "FAILED", "step": step, "error": message,
-                                                  "nonfinite_total": nonfinite_total, "last_finite_loss": last_finite})
+                if ranks.is_main:
+                    atomic_write_json(out / FAILURE, {"status": "FAILED", "step": step, "error": message,
+                                                      "nonfinite_total": nonfinite_total,
+                                                      "last_finite_loss": last_finite})
                 raise TrainingError(message)
         done = step + 1
         if done % t.log_every == 0 or done == t.iterations:
             now = time.perf_counter()
             row = {"step": done, "kimg": done * t.batch_size / 1000, "lr": optimizer.param_groups[0]["lr"],
                    "sec_per_iter": (now - tick) / max(count + nonfinite_run, 1), "nonfinite_total": nonfinite_total}
-            row.update({k: v / max(count, 1) for k, v in sums.items()})
-            append_line(stats_path, json.dumps(row))
+            row.update(distributed.mean_scalars({k: v / max(count, 1) for k, v in sums.items()}, ranks, device))
+            if ranks.is_main:
+                append_line(stats_path, json.dumps(row))
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}")
             sums, count, tick = {}, 0, now
-        if done % t.checkpoint_every == 0 or done == t.iterations or stop:
+        stopping = not distributed.all_true(not stop, ranks, device)  # a signal to one rank stops them all
+        if (done % t.checkpoint_every == 0 or done == t.iterations or stopping) and ranks.is_main:
             save_checkpoint(done)
-        if stop and done < t.iterations:
+        if stopping and done < t.iterations:
             bar.close()
-            raise Preempted(f"{stop.signal} received: checkpoint written at step {done} of {t.iterations} in "
+            signal = getattr(stop, "signal", None) or "a stop signal to another rank"
+            raise Preempted(f"{signal} received: checkpoint written at step {done} of {t.iterations} in "
                             f"{ckpt_dir}; rerun the same command to resume")
     bar.close()
+    if not ranks.is_main:  # rank 0 alone writes the final weights; the others wait for them
+        distributed.barrier(ranks)
+        return final
     digest = data_hash(data)
     first = batch_indices(len(data), t.batch_size, run.seed, 0).to(device)
     flops = compute.train_iteration_flops(method, model, x_all[first], teacher=teacher, target=target,
@@ -272,7 +288,12 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         "config": run.to_json(),
     })
     log(f"wrote {final}")
+    distributed.barrier(ranks)
     return final
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0: one rank speaks for the job."""
 
 
 @torch.no_grad()

@@ -110,12 +110,26 @@ def _teacher_arg(w, input):
     return f"--teacher {os.path.dirname(input.teacher)}" if "teacher" in input.keys() else ""
 
 
+def train_launcher(dataset, method, seed):
+    """The CLI, or torchrun with one process per device when the run's train.devices asks for several."""
+    from common.distributed import launch_prefix
+
+    return launch_prefix(sys.executable, run_config(dataset, method, seed).train.devices)
+
+
+def train_gpus(dataset, method, seed):
+    """GPUs a training job asks for (the SLURM plugin's `gpu` resource): train.devices, none on device cpu."""
+    train = run_config(dataset, method, seed).train
+    return 0 if train.device == "cpu" else train.devices
+
+
 def _evaluate_inputs(w):
     inputs = {"samples": SAMPLES_FILE.format(**w)}
     if is_image(w.dataset):
         inputs["data"] = f"data/prepared/{w.dataset}.pt"
         inputs["features"] = f"data/features/{w.dataset}/fdcnn.pt"
-        if CFG.datasets[w.dataset].inception.enabled:
+        inception = CFG.datasets[w.dataset].inception
+        if inception.enabled and (inception.steps is None or int(w.steps) in inception.steps):
             inputs["inception"] = f"data/features/{w.dataset}/inception_ref.npz"
     return inputs
 

@@ -7,11 +7,13 @@ rule train_teacher:
     output:
         "results/runs/{dataset}/teacher/seed{seed}/final.pt",
     params:
-        cmbench=CMBENCH,
+        cmbench=lambda w: train_launcher(w.dataset, "teacher", w.seed),
         config_file=CONFIG_FILE,
         config=lambda w: config_hash(w.dataset, "teacher", w.seed),
         out=lambda w: run_dir(w.dataset, "teacher", w.seed),
     threads: 2
+    resources:
+        gpu=lambda w: train_gpus(w.dataset, "teacher", w.seed),
     conda:
         "envs/cmbench.yaml"
     log:

@@ -10,12 +10,14 @@ rule train_method:
     output:
         "results/runs/{dataset}/{method}/seed{seed}/final.pt",
     params:
-        cmbench=CMBENCH,
+        cmbench=lambda w: train_launcher(w.dataset, w.method, w.seed),
         config_file=CONFIG_FILE,
         config=lambda w: config_hash(w.dataset, w.method, w.seed),
         out=lambda w: run_dir(w.dataset, w.method, w.seed),
         teacher=_teacher_arg,
     threads: 2
+    resources:
+        gpu=lambda w: train_gpus(w.dataset, w.method, w.seed),
     conda:
         "envs/cmbench.yaml"
     log:
