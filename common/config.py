@@ -205,10 +205,15 @@ class NetworkSpec:
     dropout: float = 0.0
     embedding_type: Literal["positional", "fourier"] = "positional"
     fourier_scale: float = 16.0
-    adaptive_norm: Literal["scale_shift", "double"] = "scale_shift"
+    adaptive_norm: Literal["scale_shift", "double", "add"] = "scale_shift"  # add: DDPM++ (paper tracks)
     second_time_input: bool = False
     logvar_head: bool = False
     label_dim: int = 0  # > 0: class-conditional
+    # The papers' exact UNets (config/cifar10.yaml: DDPM++; config/imagenet64.yaml: ADM); left out of config.json
+    # at their defaults, so runs made before these keys existed stay valid.
+    attn_decoder: Literal["last", "all"] = field(default="last", metadata={"omit_if_default": True})
+    attn_bottleneck: bool = field(default=False, metadata={"omit_if_default": True})
+    resample_proj: bool = field(default=True, metadata={"omit_if_default": True})
 
     def __post_init__(self):
         require(self.model_channels > 0, "model_channels", "must be > 0")
@@ -308,9 +313,11 @@ class InceptionSpec:
     weights: str | None = None  # official torch-fidelity file, or 'default_1' (opt-in); None: $CMBENCH_INCEPTION_WEIGHTS
     batch_size: int = 50
     seed: int = 0  # which real images form the reference set and the baseline set
+    steps: list[int] | None = None  # score only rows sampled with these step counts (None: every row)
 
     def __post_init__(self):
         require(self.n >= 2, "n", "must be >= 2")
+        require(self.steps is None or all(s >= 1 for s in self.steps), "steps", "values must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 

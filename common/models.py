@@ -28,7 +28,8 @@ def build_backbone(spec: NetworkSpec, item_shape: tuple[int, ...]) -> torch.nn.M
     c, h, _ = item_shape
     return UNet(img_resolution=h, in_channels=c, out_channels=c, model_channels=spec.model_channels,
                 channel_mult=tuple(spec.channel_mult), num_blocks=spec.num_blocks,
-                attn_resolutions=tuple(spec.attn_resolutions), **common)
+                attn_resolutions=tuple(spec.attn_resolutions), attn_decoder=spec.attn_decoder,
+                attn_bottleneck=spec.attn_bottleneck, resample_proj=spec.resample_proj, **common)
 
 
 def build_method(run: RunConfig):

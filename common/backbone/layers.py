@@ -230,17 +230,22 @@ class AdaptiveNorm(nn.Module):
     - "double" (sCM's adaptive double normalization): norm(h) * pnorm(scale) + pnorm(shift), with the
       pixel norm over channels keeping the modulation at unit scale whatever the embedding's size.
     (scale, shift) = Linear(emb) in both cases.
+    - "add" (DDPM++ as in Song et al. and EDM's SongUNet, adaptive_scale=False): norm(h + Linear(emb)), half the
+      parameters; the paper tracks use it to match the papers' 56M network.
     """
 
     def __init__(self, norm: nn.Module, channels: int, emb_dim: int, mode: str = "scale_shift"):
         super().__init__()
-        if mode not in ("scale_shift", "double"):
-            raise ValueError(f"adaptive_norm must be 'scale_shift' or 'double', got {mode!r}")
+        if mode not in ("scale_shift", "double", "add"):
+            raise ValueError(f"adaptive_norm must be 'scale_shift', 'double' or 'add', got {mode!r}")
         self.mode = mode
         self.norm = norm
-        self.affine = linear(emb_dim, 2 * channels)
+        self.affine = linear(emb_dim, (1 if mode == "add" else 2) * channels)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        if self.mode == "add":
+            bias = self.affine(emb)
+            return self.norm(h + bias.reshape(bias.shape + (1,) * (h.ndim - 2)).to(h.dtype))
         scale, shift = self.affine(emb).chunk(2, dim=1)
         if self.mode == "double":
             scale, shift = pixel_norm(scale), pixel_norm(shift)

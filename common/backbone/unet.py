@@ -6,7 +6,9 @@ Departures from EDM, each for a reason:
   [1, 1] resample filter.
 - The embedding modulates the normalized activation with `AdaptiveNorm` ("scale_shift" is EDM's
   adaptive_scale, "double" is sCM's adaptive double normalization), not DDPM++'s additive bias.
-- Self-attention appears only at `attn_resolutions` (EDM also forces it on the first bottleneck block).
+- Self-attention appears only at `attn_resolutions` (EDM also forces it on the first bottleneck block:
+  `attn_bottleneck=True`); in the decoder only in the last block of a level (DDPM++) unless `attn_decoder="all"`
+  (ADM).  `resample_proj=False` is ADM's parameter-free skip around down/up blocks.
 - The output is one GroupNorm -> SiLU -> conv head at full resolution (DDPM++ "standard" decoder).
 """
 
@@ -35,6 +37,7 @@ class UNetBlock(nn.Module):
         attention: bool = False,
         dropout: float = 0.0,
         adaptive_norm: str = "scale_shift",
+        resample_proj: bool = True,
     ):
         super().__init__()
         assert resample in (None, "down", "up")
@@ -44,8 +47,9 @@ class UNetBlock(nn.Module):
         self.conv0 = conv2d(in_channels, out_channels, kernel=3)
         self.norm1 = AdaptiveNorm(group_norm(out_channels), out_channels, emb_dim, adaptive_norm)
         self.conv1 = conv2d(out_channels, out_channels, kernel=3, gain=ZERO_GAIN)
-        # DDPM++ (resample_proj=True) projects the skip with a 1x1 conv whenever the shape changes.
-        needs_proj = in_channels != out_channels or resample is not None
+        # DDPM++ (resample_proj=True) projects the skip with a 1x1 conv whenever the shape changes; ADM only
+        # when the channel count does.
+        needs_proj = in_channels != out_channels or (resample is not None and resample_proj)
         self.skip = conv2d(in_channels, out_channels, kernel=1) if needs_proj else None
         self.attn = SelfAttention(out_channels) if attention else None
 
@@ -91,15 +95,20 @@ class UNet(nn.Module):
         adaptive_norm: str = "scale_shift",
         second_time_input: bool = False,
         logvar_head: bool = False,
+        attn_decoder: str = "last",
+        attn_bottleneck: bool = False,
+        resample_proj: bool = True,
     ):
         super().__init__()
+        if attn_decoder not in ("last", "all"):
+            raise ValueError(f"attn_decoder must be 'last' (DDPM++) or 'all' (ADM), got {attn_decoder!r}")
         self.img_resolution, self.in_channels, self.out_channels = img_resolution, in_channels, out_channels
         self.label_dim = label_dim
         emb_dim = 4 * model_channels  # EDM channel_mult_emb = 4, channel_mult_noise = 1
         self.cond = Conditioning(
             model_channels, emb_dim, label_dim, embedding_type, fourier_scale, second_time_input, logvar_head
         )
-        block = dict(emb_dim=emb_dim, dropout=dropout, adaptive_norm=adaptive_norm)
+        block = dict(emb_dim=emb_dim, dropout=dropout, adaptive_norm=adaptive_norm, resample_proj=resample_proj)
 
         # Encoder: conv in, then per level [down block], num_blocks blocks; every output is a skip.
         self.enc = nn.ModuleDict()
@@ -124,14 +133,14 @@ class UNet(nn.Module):
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = resolutions[level]
             if level == len(channel_mult) - 1:
-                attn = res in attn_resolutions
+                attn = res in attn_resolutions or attn_bottleneck
                 self.dec[f"{res}x{res}_in0"] = UNetBlock(cout, cout, attention=attn, **block)
                 self.dec[f"{res}x{res}_in1"] = UNetBlock(cout, cout, **block)
             else:
                 self.dec[f"{res}x{res}_up"] = UNetBlock(cout, cout, resample="up", **block)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
+                attn = (idx == num_blocks or attn_decoder == "all") and res in attn_resolutions
                 self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
         self.out_norm = group_norm(cout)
         self.out_conv = conv2d(cout, out_channels, kernel=3, gain=ZERO_GAIN)
