@@ -1,0 +1,160 @@
+"""The smoke workflow through a real single-node SLURM cluster (cluster/up.sh: munge, slurmdbd, slurmctld, slurmd on
+loopback): `snakemake --profile slurm` submits every job with sbatch, polls it with sacct, and the summary it writes
+equals a local run's. Needs root and apt-get (CI has both); skipped otherwise."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.test_workflow import _copy_repo, _env
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+SMOKE = ["all", "--configfile", "config/smoke.yaml"]
+# The plugin can poll forever (SLURM.md): a run that prints nothing for STALL_S, or exceeds TIMEOUT_S, is killed.
+TIMEOUT_S, STALL_S = 1200, 240
+# The test node: more CPU slots than cores (small jobs, mostly Python start-up) and two fake GPUs.
+NODE = {"CPUS": "4", "FAKE_GPUS": "2", "ACCOUNTING": "slurmdbd"}
+MARK = "# written by cmbench cluster/up.sh"
+
+pytestmark = pytest.mark.slow
+
+
+def _skip_reason() -> str | None:
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return "needs root on Linux: it installs Debian's SLURM packages and starts the daemons"
+    if shutil.which("apt-get") is None:
+        return "needs apt-get (Debian) to install slurmctld, slurmd, munge, slurmdbd and mariadb-server"
+    conf = Path("/etc/slurm/slurm.conf")
+    if conf.exists() and MARK not in conf.read_text().splitlines():
+        return "this machine has its own /etc/slurm/slurm.conf; the test cluster would replace it"
+    return None
+
+
+def _shell(cmd: list[str], timeout: int, **kw) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _cancel_all_jobs() -> None:
+    """Jobs outlive slurmd (their slurmstepd is separate): cancel them before the daemons go."""
+    subprocess.run(["scancel", "--user", "root"], capture_output=True, timeout=30)
+    for _ in range(60):
+        out = subprocess.run(["squeue", "-h"], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0 or not out.stdout.strip():
+            return
+        subprocess.run(["sleep", "0.5"])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    try:
+        sinfo = _shell(["bash", str(ROOT / "cluster/up.sh")], timeout=900, env={**os.environ, **NODE})
+        _shell(["sacct", "-n", "-X"], timeout=60)  # accounting answers: the plugin's status checks will work
+        yield sinfo
+    finally:
+        try:
+            _cancel_all_jobs()
+        finally:
+            subprocess.run(["bash", str(ROOT / "cluster/down.sh")], capture_output=True, timeout=120)
+
+
+def _fit_to_test_node(profile: dict) -> dict:
+    """The user's profile, shrunk to one small node: one CPU and little memory per job, status checks fast. Rules,
+    GPUs, runtimes, retries, requeue and the preemption signal stay as the user has them."""
+    test = dict(profile)
+    test.update({"jobs": 4, "latency-wait": 5, "slurm-init-seconds-before-status-checks": 2,
+                 "slurm-keep-successful-logs": True})
+    test["default-resources"] = {**profile["default-resources"], "slurm_partition": "debug", "mem_mb": 1000,
+                                 "cpus_per_task": 1}
+    test["set-resources"] = {rule: {**res, "mem_mb": 1500, "cpus_per_task": 1}
+                             for rule, res in profile["set-resources"].items()}
+    return test
+
+
+def _run_watched(cmd: list[str], cwd: Path) -> tuple[int, str]:
+    """Run in its own process group; kill the whole group when it stalls or runs too long, so nothing is left
+    polling and CI never hangs."""
+    log_path = cwd / "snakemake.out"
+    start = last_change = time.monotonic()
+    size, why = 0, None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        while proc.poll() is None and why is None:
+            time.sleep(2)
+            now = time.monotonic()
+            if log_path.stat().st_size != size:
+                size, last_change = log_path.stat().st_size, now
+            if now - last_change > STALL_S:
+                why = f"printed nothing for {STALL_S} s (job status polling stuck?)"
+            elif now - start > TIMEOUT_S:
+                why = f"did not finish in {TIMEOUT_S} s"
+        if why:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log_path.read_text()
+    assert why is None, f"{' '.join(cmd)} {why}; killed:\n{text[-4000:]}"
+    return proc.returncode, text
+
+
+def _values(repo: Path) -> pd.Series:
+    df = pd.read_csv(repo / "results/summary/results.csv")
+    return df.set_index(["dataset", "method", "seed", "nfe", "metric"])["value"].sort_index()
+
+
+def test_smoke_workflow_through_slurm_equals_local_run(cluster, tmp_path, request):
+    slurm_repo, local_repo = tmp_path / "slurm", tmp_path / "local"
+    for repo in (slurm_repo, local_repo):
+        repo.mkdir()
+        _copy_repo(repo)
+    profile = yaml.safe_load((ROOT / "slurm/config.yaml").read_text())
+    assert profile["executor"] == "slurm" and profile["retries"] >= 1
+    (slurm_repo / "slurm/config.yaml").write_text(yaml.safe_dump(_fit_to_test_node(profile)))
+
+    # The local run (the workstation profile) goes in the background while SLURM runs the same graph.
+    with open(local_repo / "snakemake.out", "w") as local_log:
+        local = subprocess.Popen([str(BIN / "snakemake"), "--profile", "profiles/local", *SMOKE], cwd=local_repo,
+                                 env=_env(), stdout=local_log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code, log = _run_watched([str(BIN / "snakemake"), "--profile", "slurm", *SMOKE], slurm_repo)
+            local.wait(timeout=TIMEOUT_S)
+        finally:
+            if local.poll() is None:
+                os.killpg(local.pid, signal.SIGKILL)
+    assert code == 0, f"snakemake --profile slurm failed ({code}):\n{log[-4000:]}"
+    assert local.returncode == 0, (local_repo / "snakemake.out").read_text()[-4000:]
+
+    # Every job that is not a localrule went through sbatch, and SLURM's accounting has each one COMPLETED.
+    job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
+    remote_rules = re.findall(r"^rule (\w+):$", log, flags=re.M)
+    assert job_ids and len(job_ids) == len(remote_rules), (len(job_ids), len(remote_rules))
+    sacct = _shell(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State,Elapsed", "-j", ",".join(job_ids)], 60)
+    rows = [line.split("|") for line in sacct.strip().splitlines()]
+    record = slurm_repo / "results/logs/slurm_jobs.txt"
+    record.write_text("".join(f"{rule} sbatch job {jid}\n" for rule, jid in zip(remote_rules, job_ids, strict=True))
+                      + "sacct:\n" + sacct)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # into the CI log, with or without -s
+        print("\n" + "".join(f"[slurm] {line}\n" for line in record.read_text().splitlines()), end="")
+    assert sorted(r[0] for r in rows) == sorted(job_ids)
+    assert {r[2] for r in rows} == {"COMPLETED"}, sacct
+    assert re.findall(r"sbatch job (\d+)", record.read_text()) == job_ids
+
+    # Same graph, same seeds, same thread counts: the summary's numbers equal the local run's, to the last digit.
+    through_slurm, locally = _values(slurm_repo), _values(local_repo)
+    assert list(through_slurm.index) == list(locally.index)
+    pd.testing.assert_series_equal(through_slurm, locally, check_exact=True)
