@@ -113,6 +113,8 @@ def check_reference(ref: Reference, ds: Dataset, n_samples: int, cache_dir: str 
         raise DataError(f"Inception FID at N = {ref.meta['n']} needs that many samples, the samples file has "
                         f"{n_samples}; raise eval.n_samples or lower inception.n")
     setting = inception.OPT_IN if ref.meta["weights_label"] == inception.DEFAULT_1_LABEL else ref.meta["weights_file"]
+    if setting != inception.OPT_IN and not Path(setting).is_file():  # another machine: $CMBENCH_INCEPTION_WEIGHTS
+        setting = None
     weights = inception.resolve_weights(setting, f"the weights recorded in {ref.path}", cache_dir)
     if weights.sha256 != ref.meta["weights_sha256"]:
         raise DataError(f"{weights.source} changed since {ref.path} was computed; rebuild it with "
