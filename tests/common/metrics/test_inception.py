@@ -118,6 +118,19 @@ def test_both_pipelines_give_identical_features_when_no_resize_is_needed(weights
     np.testing.assert_allclose(cf, tf, rtol=0, atol=1e-5)
 
 
+def test_clean_fid_resizes_with_its_own_clean_resizer(weights, no_downloads):
+    """28x28 images reach the network through clean-fid's 'clean' PIL-bicubic resize on float pixels, no other."""
+    from cleanfid.resize import make_resizer
+
+    scorer = inception_fid.Scorer(weights, CPU, batch_size=2)
+    u8 = torch.randint(0, 256, (2, 3, 28, 28), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    via_clean_fid = libraries.clean_fid_features(u8, scorer.clean_fid_fn, 2, CPU)
+    clean = make_resizer("PIL", False, "bicubic", (299, 299))  # what clean-fid's build_resizer("clean") returns
+    resized = np.stack([clean(img) for img in u8.permute(0, 2, 3, 1).numpy()])
+    by_hand = scorer.clean_fid_fn(torch.from_numpy(resized).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(via_clean_fid, by_hand, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The production path: a reference file, then samples scored against it by both libraries
 
