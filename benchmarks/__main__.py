@@ -7,6 +7,7 @@ copy of the repository (about 25 minutes); run it when the machine is otherwise 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -126,6 +127,10 @@ def render(args, train_rows, profiles, jvp_rows, sample_rows, fid_rows, quick, l
         "|---|---|---:|---:|---:|---:|---|---:|",
         *[f"| {r.dataset} | {r.method} | {r.steps} | {r.nfe} | {r.forward_s:.4f} | {r.sampler_ratio:.3f} | "
           f"{_ok(r.sampler_ratio, SAMPLE_GOAL)} | {r.generate_ratio:.3f} |" for r in sample_rows],
+        "", f"Median over the {len(sample_rows)} rows: sampler / forwards "
+        f"{statistics.median(r.sampler_ratio for r in sample_rows):.3f}, generate / forwards "
+        f"{statistics.median(r.generate_ratio for r in sample_rows if r.dataset == args.dataset):.3f} on "
+        f"{args.dataset}.",
         "", f"## FD-CNN feature path ({args.dataset}, 2 x 2000 images, batch 500)", "",
         "Same images (2,000 generated + 2,000 reference), same extractor, same batch size; the two FD values are "
         "checked identical.", "",
