@@ -11,7 +11,7 @@ rule train_teacher:
         config_file=CONFIG_FILE,
         config=lambda w: config_hash(w.dataset, "teacher", w.seed),
         out=lambda w: run_dir(w.dataset, "teacher", w.seed),
-    threads: 2
+    threads: CFG.workflow.train_threads
     resources:
         gpu=lambda w: train_gpus(w.dataset, "teacher", w.seed),
     conda:

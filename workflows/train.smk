@@ -15,7 +15,7 @@ rule train_method:
         config=lambda w: config_hash(w.dataset, w.method, w.seed),
         out=lambda w: run_dir(w.dataset, w.method, w.seed),
         teacher=_teacher_arg,
-    threads: 2
+    threads: CFG.workflow.train_threads
     resources:
         gpu=lambda w: train_gpus(w.dataset, w.method, w.seed),
     conda:
