@@ -94,7 +94,7 @@ def render(args, train_rows, profiles, jvp_rows, sample_rows, fid_rows, quick, l
                   "seconds are noisy; the ratios are medians of paired, interleaved measurements (A, B, A, B, ...), "
                   "which cancel most of the drift.", ""]
     lines += [
-        f"## Training cost per method ({args.dataset}, each method's training batch from --config)", "",
+        f"## Training cost per method ({args.dataset}, every method at the teacher's batch size)", "",
         "time ratio = median over interleaved rounds of (method iteration / teacher iteration), a full iteration of "
         "the training loop (loss, backward, gradient clip, optimizer, EMA, target network); FLOP ratio = "
         "torch.utils.flop_counter over loss + backward (matmul/conv/attention; a JVP counts, teacher calls of "

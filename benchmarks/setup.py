@@ -4,6 +4,7 @@ so one iteration can be timed and counted exactly as common.train runs it."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -68,7 +69,10 @@ def teacher_for(config: Config, dataset: str, data: Dataset):
 
 
 def build(config: Config, dataset: str, method_name: str, data: Dataset | None = None, teacher=None) -> Bench:
+    """The method's run config, at the teacher's batch size: costs are compared on the same backbone and batch."""
     run = resolve_run(config, dataset, method_name, 0)
+    batch = resolve_run(config, dataset, "teacher", 0).train.batch_size
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, batch_size=batch))
     data = data if data is not None else load_dataset(run.data)
     method = build_method(run)
     torch.manual_seed(0)
