@@ -53,7 +53,8 @@ def train_iteration_flops(method, model: torch.nn.Module, x0: torch.Tensor, *, l
     cuda_state = torch.cuda.get_rng_state_all() if x0.is_cuda else None
 
     def iteration():
-        terms = method.loss(model_copy, x0, progress=progress, labels=labels, teacher=teacher, target=target_copy)
+        terms = method.loss(model_copy, x0, progress=progress, labels=labels, target=target_copy,
+                            teacher=teacher.with_labels(labels) if teacher is not None else None)
         terms["loss"].backward()
 
     try:

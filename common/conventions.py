@@ -158,6 +158,17 @@ class ConvertedTeacher:
     def velocity_rf(self, x_t, t):
         return velocity_rf(self.denoise, x_t, t)
 
+    def with_labels(self, labels: torch.Tensor | None) -> ConvertedTeacher:
+        """This teacher conditioned on one batch's class labels (class-conditional distillation).
+
+        The denoiser of a conditional teacher takes (x, sigma, labels); every convention above then sees the
+        teacher for those labels, so the methods need no label plumbing of their own.
+        """
+        if labels is None:
+            return self
+        base = self.denoise
+        return ConvertedTeacher(lambda x, sigma: base(x, sigma, labels), self.sigma_d, self.name)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Parameterizations: coefficients of f(x, sigma) = c_skip x + c_out F(c_in x, c_noise).

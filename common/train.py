@@ -218,7 +218,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
         for group in optimizer.param_groups:
             group["lr"] = t.lr * min(1.0, (step + 1) / t.lr_warmup) if t.lr_warmup > 0 else t.lr
         with amp:
-            terms = method.loss(model, x0, progress=step / t.iterations, labels=labels, teacher=teacher,
+            terms = method.loss(model, x0, progress=step / t.iterations, labels=labels,
+                                teacher=teacher.with_labels(labels) if teacher is not None else None,
                                 target=target)
         loss = terms["loss"]
         optimizer.zero_grad(set_to_none=True)

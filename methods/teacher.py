@@ -59,4 +59,5 @@ class EDMTeacher(Method):
     def as_teacher(self, model, labels=None) -> ConvertedTeacher:
         """The trained denoiser in every convention, for distillation (no gradients flow into it)."""
         model = model.eval().requires_grad_(False)
-        return ConvertedTeacher(lambda x, sigma: model(x, sigma, labels), self.sigma_data, name="edm")
+        return ConvertedTeacher(lambda x, sigma, batch_labels=labels: model(x, sigma, batch_labels), self.sigma_data,
+                                name="edm")

@@ -279,3 +279,22 @@ def test_python_float_time_keeps_float64_precision():
 def test_python_float_time_follows_the_device():
     x = torch.randn(4, 2, device="meta")
     cv.velocity_sigma(lambda x_sigma, sigma: x_sigma * 0, x, 80.0)
+
+
+def test_teacher_with_labels_conditions_every_convention():
+    """Class-conditional distillation: the loop binds each batch's labels, and every velocity sees them."""
+    from methods.teacher import EDMTeacher
+
+    class Conditional(torch.nn.Module):  # D(x, sigma, y) = x / (1 + sigma) + y: the label moves the output
+        def forward(self, x, sigma, labels=None):
+            shift = 0.0 if labels is None else labels.to(x.dtype)[:, None]
+            return x / (1 + sigma.reshape(-1, 1)) + shift
+
+    teacher = EDMTeacher().as_teacher(Conditional())
+    x, sigma = torch.randn(3, 2), torch.full((3,), 0.7)
+    y = torch.tensor([0, 1, 2])
+    bound = teacher.with_labels(y)
+    assert teacher.with_labels(None) is teacher
+    assert torch.equal(bound.denoise(x, sigma), x / 1.7 + y[:, None].float())
+    assert torch.equal(bound.velocity_sigma(x, sigma), (x - bound.denoise(x, sigma)) / sigma[:, None])
+    assert not torch.equal(bound.velocity_sigma(x, sigma), teacher.velocity_sigma(x, sigma))
