@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .. import checkpoint
 from ..config import FDCNNSpec, to_dict
 from ..data import Dataset, data_hash, to_uint8_images
+from .libraries import U8Images
 
 RECIPE_VERSION = 1  # bump when the classifier or its training recipe changes: cached weights are keyed on it
 EXTRACTOR_NAME = "cmbench-fd-cnn"
@@ -159,25 +160,9 @@ def _register() -> None:
         register_feature_extractor(EXTRACTOR_NAME, _extractor_class())
 
 
-class _U8Images(torch.utils.data.Dataset):
-    """uint8 [3, H, W] items, the input torch-fidelity expects (grayscale replicated to 3 channels).
-
-    Contiguous, and `__getitems__` hands the DataLoader a whole batch in one indexing call instead of one Python
-    call per image (benchmarks/results.md: the per-item path was slower than torch-fidelity on plain tensors).
-    """
-
-    def __init__(self, x: torch.Tensor):
-        u8 = to_uint8_images(x)
-        self.x = (u8.expand(-1, 3, -1, -1) if u8.shape[1] == 1 else u8).contiguous()
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
-
-    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
-        return list(self.x[torch.as_tensor(indices)].unbind(0))
+def _U8Images(x: torch.Tensor) -> U8Images:
+    """Images in [-1, 1] as the uint8 dataset torch-fidelity reads (contiguous, one indexing call per batch)."""
+    return U8Images(to_uint8_images(x))
 
 
 def fd_cnn(samples: torch.Tensor, reference: torch.Tensor, weights_path: str | Path, device: torch.device,
