@@ -4,7 +4,6 @@ store, loses or duplicates no metric; a second Snakemake on the same folder is r
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,21 +17,55 @@ import pytest
 from common.config import load_config, resolve_run, to_dict
 from common.fsutil import atomic_write_text
 from common.gmm import GaussianMixture
-from tests.reliability.conftest import env
+from tests.reliability.conftest import ROOT, env
 
 WRITERS = 8
 SEEDS, STEPS = (0, 1), (1, 2, 3, 4)  # 2 runs x 4 step counts = 8 metrics files
 
 
-def _evaluate_at_once(barrier, argv) -> None:
-    """A forked job: wait for all 8, then run `cmbench evaluate` (score, then write its metrics file)."""
-    from common.cli import main
+# Each writer is a real `cmbench evaluate` process: it imports everything, then waits at a file barrier so that
+# all 8 score and write at the same moment. Subprocesses, not fork: forking a process that already runs torch's
+# thread pools can deadlock (it hung this suite twice).
+_WRITER = """
+import sys, time
+from pathlib import Path
+ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+from common.cli import main
+ready.touch()
+end = time.monotonic() + 300
+while not go.exists():
+    if time.monotonic() > end:
+        sys.exit("writer: the start file never appeared")
+    time.sleep(0.01)
+sys.exit(main(sys.argv[3:]))
+"""
 
-    barrier.wait(timeout=300)
-    os._exit(main(argv))
+
+def _run_at_once(jobs: list[list[str]], tmp_path: Path, timeout: float = 600) -> list[tuple[int, str]]:
+    """Start one writer per job, release them together once all are ready; (exit code, output) of each."""
+    go, ready = tmp_path / "go", [tmp_path / f"ready{i}" for i in range(len(jobs))]
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(r), str(go), *argv], cwd=ROOT, env=env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r, argv in zip(ready, jobs, strict=True)]
+    try:
+        end = time.monotonic() + timeout
+        while not all(r.exists() for r in ready) and time.monotonic() < end:
+            if any(p.poll() is not None for p in procs):
+                break  # a writer died before the barrier: its output says why
+            time.sleep(0.05)
+        go.touch()
+        results = []
+        for p in procs:
+            out = p.communicate(timeout=max(1.0, end - time.monotonic()))[0]
+            results.append((p.returncode, out))
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
-@pytest.mark.skip(reason="hung the suite twice (parent in a futex wait after forking writers); to be fixed, issue 7 stays open")
 def test_eight_concurrent_writers_then_ingest_lose_nothing(config_file, tmp_path):
     import torch
     from mlflow.tracking import MlflowClient
@@ -58,14 +91,8 @@ def test_eight_concurrent_writers_then_ingest_lose_nothing(config_file, tmp_path
             jobs.append(["evaluate", "--samples", str(samples), "--out", str(out), "--device", "cpu"])
     assert len(jobs) == WRITERS
 
-    ctx = multiprocessing.get_context("fork")
-    barrier = ctx.Barrier(WRITERS)
-    procs = [ctx.Process(target=_evaluate_at_once, args=(barrier, argv)) for argv in jobs]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    assert [p.exitcode for p in procs] == [0] * WRITERS
+    results = _run_at_once(jobs, tmp_path)
+    assert [code for code, _ in results] == [0] * WRITERS, [out[-2000:] for code, out in results if code]
 
     files = sorted((tmp_path / "metrics").rglob("*.json"))
     assert len(files) == WRITERS and not list((tmp_path / "metrics").rglob("*.tmp"))
