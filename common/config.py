@@ -310,7 +310,8 @@ class InceptionSpec:
 
     enabled: bool = False
     n: int = 1000  # images per FID: samples, reference set, and the second real set of the real-vs-real baseline
-    weights: str | None = None  # official torch-fidelity file, or 'default_1' (opt-in); None: $CMBENCH_INCEPTION_WEIGHTS
+    # the official torch-fidelity file, or 'default_1' (opt-in); None: $CMBENCH_INCEPTION_WEIGHTS
+    weights: str | None = None
     batch_size: int = 50
     seed: int = 0  # which real images form the reference set and the baseline set
     steps: list[int] | None = None  # score only rows sampled with these step counts (None: every row)

@@ -110,16 +110,37 @@ def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log, data
         weights = feature_net
     else:
         weights = load_or_train(ds, run.eval.fd_cnn, cache_dir, device, log)
-    reference = ds.x
-    if run.eval.n_reference is not None:
-        g = torch.Generator().manual_seed(0)
-        reference = reference[torch.randperm(len(reference), generator=g)[: run.eval.n_reference]]
-    metrics, extra = fd_cnn(x, reference, weights, device), {}
+    reference, baseline, baseline_note = fd_cnn_real_sets(len(ds), run.eval.n_reference, len(x))
+    metrics, extra = fd_cnn(x, ds.x[reference], weights, device), {"fd_cnn_baseline": baseline_note}
+    real_a, real_b = (ds.x[baseline], ds.x[reference]) if len(baseline) else _halves(ds.x)
+    metrics["fd_cnn_real"] = fd_cnn(real_a, real_b, weights, device, kid=False)["fd_cnn"]
     if inception_ref is not None:
         log(f"{inception_weights.label} at N = {ref.meta['n']}: torch-fidelity and clean-fid")
         inception_metrics, extra = inception_fid.score(x, ref, inception_weights, device)
         metrics.update(inception_metrics)
     return metrics, extra
+
+
+def fd_cnn_real_sets(n_data: int, n_reference: int | None, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(reference indices, baseline indices, description) for FD-CNN and its real-vs-real floor.
+
+    The reference is the first `n_reference` images of a fixed permutation (all images if None); the baseline is
+    the next n images, disjoint from it, so FD(baseline, reference) is the score of perfect samples at this N.
+    When the data has no n images beyond the reference the baseline is two disjoint halves of the data instead,
+    at a smaller N, and the description says so."""
+    perm = torch.randperm(n_data, generator=torch.Generator().manual_seed(0))
+    n_ref = n_data if n_reference is None else min(n_reference, n_data)
+    reference = perm[:n_ref]
+    if n_ref + n <= n_data:
+        return reference, perm[n_ref: n_ref + n], f"{n} real images disjoint from the {n_ref} reference images"
+    half = n_data // 2
+    return reference, perm[:0], (f"two disjoint halves of the data ({half} vs {n_data - half} images): it has no "
+                                 f"{n} images outside the {n_ref} reference images")
+
+
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    return x[perm[: len(x) // 2]], x[perm[len(x) // 2:]]
 
 
 def _protocol(run: RunConfig, n: int) -> dict:

@@ -172,7 +172,8 @@ def _footer(df: pd.DataFrame, dataset: str, published: pd.DataFrame | None) -> s
             parts.append(f"{key.removeprefix('protocol_').replace('_', ' ')}: {'; '.join(values)}")
     floor = sub[sub.metric.str.endswith("_real")]
     for metric, group in floor.groupby("metric"):
-        parts.append(f"real-vs-real {metric.removesuffix('_real')} at the same N: {group.value.iloc[0]:.3g}")
+        parts.append(f"real-vs-real {metric.removesuffix('_real')} (real images as the samples, sets as stated): "
+                     f"{group.value.iloc[0]:.3g}")
     ent = sub[sub.metric == "entropy"]
     if len(ent):
         parts.append(f"true mixture entropy {ent.value.iloc[0]:.4f} nats (the NLL floor)")

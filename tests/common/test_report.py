@@ -62,7 +62,8 @@ def test_tables_have_teacher_first_cis_paper_column_and_escaped_latex(files):
     assert "| ict | 6 [5, 7] | 2.83 |" in fid_table
     rows = [ln.split("|")[1].strip() for ln in fid_table.strip().splitlines()[2:] if ln.startswith("|")]
     assert rows == ["teacher", "ict", "sct"]
-    assert "real-vs-real fd_cnn at the same N: 1.5" in md and "training seeds [0, 1]" in md
+    assert "real-vs-real fd_cnn (real images as the samples, sets as stated): 1.5" in md
+    assert "training seeds [0, 1]" in md
     assert "## cifar10: compute" in md
     assert r"\begin{tabular}{lrrrr}" in tex and r"\toprule" in tex and r"fid\_torch" not in tex
     assert "_" not in tex.replace(r"\_", "")  # every underscore escaped

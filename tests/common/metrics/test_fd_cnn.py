@@ -62,3 +62,30 @@ def test_classifier_trained_on_other_data_is_refused(digits_and_net):
     with pytest.raises(DataError, match="trained on other data"):
         check_classifier(path, other, FDCNNSpec(epochs=8))
     check_classifier(path, ds, FDCNNSpec(epochs=8))
+
+
+@pytest.mark.parametrize("n_data,n_reference,n", [(1797, 1000, 500), (1797, None, 2000), (1797, 1500, 500)])
+def test_real_vs_real_sets_are_disjoint_and_sized_as_described(n_data, n_reference, n):
+    from common.evaluate import fd_cnn_real_sets
+
+    reference, baseline, note = fd_cnn_real_sets(n_data, n_reference, n)
+    assert len(reference) == (n_reference or n_data) and len(set(reference.tolist())) == len(reference)
+    if len(baseline):
+        assert len(baseline) == n and not set(baseline.tolist()) & set(reference.tolist())
+        assert note.startswith(f"{n} real images disjoint")
+    else:  # too few images beyond the reference: the note says the floor is two halves at a smaller N
+        assert (n_reference or n_data) + n > n_data and "two disjoint halves" in note
+
+
+def test_real_vs_real_floor_is_below_every_corrupted_score(digits_and_net):
+    """The floor is the score of real images in the sample's place: what a perfect model would get."""
+    from common.evaluate import fd_cnn_real_sets
+
+    ds, path, _ = digits_and_net
+    reference, baseline, _ = fd_cnn_real_sets(len(ds.x), 900, 800)
+    ref = ds.x[reference]
+    floor = fd_cnn(ds.x[baseline], ref, path, torch.device("cpu"), kid=False)["fd_cnn"]
+    g = torch.Generator().manual_seed(1)
+    noisy = fd_cnn((ds.x[baseline] + 0.3 * torch.randn(ds.x[baseline].shape, generator=g)).clamp(-1, 1), ref, path,
+                   torch.device("cpu"), kid=False)["fd_cnn"]
+    assert 0 < floor < noisy
