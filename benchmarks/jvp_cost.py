@@ -56,7 +56,12 @@ def measure(config: Config, dataset: str, batch: int, repeats: int, eps: float =
 
     impls = {
         "forward (no grad)": ("1 forward", lambda: (primal, torch.zeros_like(primal))),
-        "torch.func.jvp": ("1 forward with tangents", lambda: jvp(fn, primals, tangents, "autograd")),
+        "forward-mode AD, dual tensors (default)": ("1 forward with tangents, weights constant",
+                                                    lambda: jvp(fn, primals, tangents, "autograd")),
+        "torch.func.jvp (common.jvp 'functorch')": ("1 forward with tangents, functorch",
+                                                    lambda: jvp(fn, primals, tangents, "functorch")),
+        "torch.func.jvp, stock layers": ("1 forward with tangents, zero weight tangents convolved",
+                                         lambda: _stock_func_jvp(fn, primals, tangents)),
         f"finite difference, eps {eps:g}": ("3 forwards", lambda: jvp(fn, primals, tangents, "finite_difference",
                                                                       eps)),
         f"finite difference, eps {eps:g}, primal given": ("2 forwards", lambda: jvp(
@@ -73,6 +78,13 @@ def measure(config: Config, dataset: str, batch: int, repeats: int, eps: float =
         rows.append(JVPRow(name, what, median(times[name]), paired_ratio(times[name], times["forward (no grad)"]),
                            err))
     return rows
+
+
+def _stock_func_jvp(fn, primals, tangents):
+    """torch.func.jvp outside common.jvp: the backbone's layers use torch's own rules (the weights' zero tangents
+    are convolved too), what every method ran before the constant-weight layers."""
+    with torch.no_grad():
+        return torch.func.jvp(fn, primals, tangents)
 
 
 def _nograd(fn, primals):

@@ -142,7 +142,7 @@ class FACM(Method):
     sigma_data: float = 0.5
     sigma_min: float = SIGMA_MIN  # EDM-sigma range of the backbone's time input (module docstring)
     sigma_max: float = SIGMA_MAX
-    jvp: Literal["autograd", "finite_difference"] = "autograd"
+    jvp: Literal["autograd", "functorch", "finite_difference"] = "autograd"
     jvp_eps: float = 1e-3  # step of the finite-difference fallback (in units of the tangent)
     mid_times: list[float] = field(default_factory=lambda: [0.5])  # rf times after t = 0 (paper: 0.5 for 2 steps)
 

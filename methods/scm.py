@@ -76,7 +76,7 @@ class _SCM(Method):
     tangent_norm_c: float = 0.1
     prior_weighting: bool = True  # w(t) = 1 / (sigma_d tan t)
     adaptive_weighting: bool = True  # learned u(t); off: u = 0
-    jvp: Literal["autograd", "finite_difference"] = "autograd"
+    jvp: Literal["autograd", "functorch", "finite_difference"] = "autograd"
     jvp_eps: float = 1e-3  # step of the finite-difference fallback (in units of the tangent)
     mid_times: list[float] = field(default_factory=lambda: [1.1])  # TrigFlow times after t_max (paper: 1.1)
 

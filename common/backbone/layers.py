@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constant_weight_jvp import Conv2d, Linear
+
 # ---------------------------------------------------------------------------------------------------
 # Initialization (EDM `weight_init`: xavier-uniform everywhere, zero biases, "init_zero" layers scaled
 # down to 1e-5 so that every residual branch starts close to the identity but still carries gradient).
@@ -29,11 +31,11 @@ def init_(layer: nn.Linear | nn.Conv2d, gain: float = 1.0) -> nn.Module:
 
 
 def linear(fan_in: int, fan_out: int, gain: float = 1.0, bias: bool = True) -> nn.Linear:
-    return init_(nn.Linear(fan_in, fan_out, bias=bias), gain)
+    return init_(Linear(fan_in, fan_out, bias=bias), gain)
 
 
 def conv2d(c_in: int, c_out: int, kernel: int, gain: float = 1.0) -> nn.Conv2d:
-    return init_(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2), gain)
+    return init_(Conv2d(c_in, c_out, kernel, padding=kernel // 2), gain)
 
 
 def group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:

@@ -123,6 +123,47 @@ def test_jvp_matches_finite_difference(case):
     assert fd.norm() > 1e-3 and rel < 1e-6, rel
 
 
+@pytest.mark.parametrize("case", list(JVP_NETS))
+def test_jvp_paths_agree_with_plain_functorch(case):
+    """common.jvp's dual-tensor path (weights' zero tangents dropped) and its functorch path give the derivative
+    of plain `torch.func.jvp` through stock layers, and the primal of a plain forward."""
+    from common.jvp import jvp
+
+    torch.manual_seed(0)
+    net = _randomize(JVP_NETS[case]()).double().eval()
+    x = _input(net, dtype=torch.float64)
+    t = torch.rand(N, dtype=torch.float64)
+    tangents = (torch.randn_like(x), torch.randn_like(t))
+    labels = torch.randint(0, 4, (N,)) if net.label_dim else None
+
+    def f(x, t):
+        return net(x, t, labels=labels)
+
+    with torch.no_grad():
+        ref_out, ref = torch.func.jvp(f, (x, t), tangents)  # outside common.jvp: stock nn.Conv2d/nn.Linear rules
+    for method in ("autograd", "functorch"):
+        out, d = jvp(f, (x, t), tangents, method=method)
+        torch.testing.assert_close(out, ref_out, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(d, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_constant_weight_layers_are_plain_layers_outside_a_jvp():
+    """Same parameters and gradients as nn.Conv2d / nn.Linear; the weight-constant rule cannot leak into backward."""
+    from common.backbone.constant_weight_jvp import Conv2d, Linear
+    from common.jvp import _constant_weights_scope
+
+    torch.manual_seed(0)
+    for ours, stock, x in ((Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 5, 5)),
+                           (Linear(3, 4), torch.nn.Linear(3, 4), torch.randn(2, 3))):
+        stock.load_state_dict(ours.state_dict())
+        assert ours.state_dict().keys() == stock.state_dict().keys()
+        ours(x).square().sum().backward()
+        stock(x).square().sum().backward()
+        assert torch.equal(ours.weight.grad, stock.weight.grad) and torch.equal(ours.bias.grad, stock.bias.grad)
+        with _constant_weights_scope(), pytest.raises(RuntimeError, match="forward-mode AD under no_grad"):
+            ours(x).sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------------
 # CTM's second time input.
 

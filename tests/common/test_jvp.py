@@ -10,7 +10,7 @@ def fn(x, t):
     return torch.sin(x) * t[:, None] ** 2
 
 
-@pytest.mark.parametrize("method, tol", [("autograd", 1e-12), ("finite_difference", 1e-6)])
+@pytest.mark.parametrize("method, tol", [("autograd", 1e-12), ("functorch", 1e-12), ("finite_difference", 1e-6)])
 def test_jvp_matches_closed_form(method, tol):
     x = torch.randn(4, 3, dtype=torch.float64)
     t = torch.rand(4, dtype=torch.float64) + 0.5
