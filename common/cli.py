@@ -117,7 +117,7 @@ def cmd_evaluate(args) -> None:
     if args.grid:
         check_writable(args.grid)
     result = evaluate(args.samples, args.cache, resolve_device(args.device), data_path=args.data,
-                      feature_net=args.feature_net)
+                      feature_net=args.feature_net, inception_ref=args.inception_ref)
     atomic_write_json(args.out, result)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float | int))
     print(f"{result['method']}/{result['dataset']} NFE {result['nfe']}: {shown}")
