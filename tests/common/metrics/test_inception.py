@@ -177,10 +177,10 @@ TOLERANCE = 0.15
 
 @pytest.mark.slow
 def test_fid_of_a_set_with_itself_is_zero_in_both_libraries(mnist_sized, weights, no_downloads):
-    """Through `evaluate` as the workflow calls it: the samples file holds the reference images themselves."""
+    """Through `cmbench evaluate` as the workflow calls it: the samples file holds the reference images."""
+    from common.cli import main
     from common.config import Config, from_dict, resolve_run, to_dict
     from common.data import save_prepared
-    from common.evaluate import evaluate
 
     ds, spec, path, meta, folder = mnist_sized
     cfg = from_dict(Config, {"datasets": {"digits": {"data": {"kind": "digits"}, "eval": {"fd_cnn": {"epochs": 1}}}}})
@@ -191,8 +191,10 @@ def test_fid_of_a_set_with_itself_is_zero_in_both_libraries(mnist_sized, weights
                 "start_sigma": 80.0}
     np.savez(samples, samples=reference_images.numpy().astype(np.float32), meta=np.array(json.dumps(run_meta)))
     save_prepared(ds, folder / "prepared.pt")
-    result = evaluate(samples, folder, CPU, log=lambda m: None, data_path=folder / "prepared.pt",
-                      inception_ref=path)
+    out = folder / "metrics.json"
+    assert main(["evaluate", "--samples", str(samples), "--out", str(out), "--cache", str(folder), "--device", "cpu",
+                 "--data", str(folder / "prepared.pt"), "--inception-ref", str(path)]) == 0
+    result = json.loads(out.read_text())
     metrics, protocol = result["metrics"], result["protocol"]
     ref = inception_fid.load_reference(path)
     scale = np.trace(ref.stats["torch_fidelity"]["sigma"])  # FID's own magnitude: tr(Sigma), about 80 here
