@@ -139,6 +139,16 @@ def _copy_repo(dest: Path) -> None:
     copy_like_a_clone(dest)
 
 
+LOCK_REFUSALS = ("LockException", "Directory cannot be locked")
+
+
+def _finished_files(root: Path) -> set[Path]:
+    """What a run has written for good: not in-flight temporaries, not rolling checkpoints (pruned by design)."""
+    if not root.is_dir():
+        return set()
+    return {p for p in root.rglob("*") if p.is_file() and not p.name.startswith((".", "ckpt-"))}
+
+
 def test_second_snakemake_on_the_same_folder_is_refused_by_the_lock(tmp_path):
     snakemake = Path(sys.executable).parent / "snakemake"
     if not snakemake.exists():
@@ -150,18 +160,33 @@ def test_second_snakemake_on_the_same_folder_is_refused_by_the_lock(tmp_path):
     first = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # its own process group: we stop exactly it and its jobs
     try:
-        locks = repo / ".snakemake" / "locks"
+        locks, in_flight = repo / ".snakemake" / "locks", repo / ".snakemake" / "incomplete"
         end = time.monotonic() + 300
-        while not (locks.is_dir() and any(locks.iterdir())):
+        # wait for the lock and a job in flight (the case that matters: outputs half-written right now)
+        while not all(d.is_dir() and any(d.iterdir()) for d in (locks, in_flight)):
             assert first.poll() is None, first.stdout.read()[-3000:]
-            assert time.monotonic() < end, "first snakemake never took its lock"
+            assert time.monotonic() < end, "first snakemake never took its lock and started a job"
             time.sleep(0.2)
-        second = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=300)
-        text = second.stdout + second.stderr
-        assert second.returncode != 0, text[-3000:]
-        assert "LockException" in text or "Directory cannot be locked" in text, text[-3000:]
+        before = _finished_files(repo / "results")
+        # Plain rerun: refused. Snakemake checks for incomplete outputs before it takes the lock, so once the first
+        # run has a job in flight the refusal names those files (IncompleteFilesException); before that, the lock.
+        plain = subprocess.run(cmd, cwd=repo, env=env(), capture_output=True, text=True, timeout=300)
+        text = plain.stdout + plain.stderr
+        assert plain.returncode != 0, text[-3000:]
+        assert any(s in text for s in (*LOCK_REFUSALS, "IncompleteFilesException")), text[-3000:]
+        # --rerun-incomplete would redo the first run's in-flight jobs over its files: the lock must refuse it.
+        rerun = subprocess.run(cmd + ["--rerun-incomplete"], cwd=repo, env=env(), capture_output=True, text=True,
+                               timeout=300)
+        text = rerun.stdout + rerun.stderr
+        assert rerun.returncode != 0, text[-3000:]
+        assert any(s in text for s in LOCK_REFUSALS), text[-3000:]
         assert first.poll() is None  # the first run goes on, untouched
-        print("second snakemake refused: " + next(ln for ln in text.splitlines() if "lock" in ln.lower()))
+        assert before <= _finished_files(repo / "results")  # nothing it had written was removed
+        for refused in (plain, rerun):
+            assert "Select jobs to execute" not in refused.stdout + refused.stderr  # refused before scheduling
+        print("second snakemake refused: " + next(ln for ln in text.splitlines() if "lock" in ln.lower())
+              + " (without --rerun-incomplete: " + next(s for s in (*LOCK_REFUSALS, "IncompleteFilesException")
+                                                         if s in plain.stdout + plain.stderr) + ")")
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
