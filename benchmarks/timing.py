@@ -7,16 +7,20 @@ import time
 from collections.abc import Callable
 
 
-def interleaved(fns: dict[str, Callable[[int], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[int], object]], repeats: int, warmup: int = 1,
+                sync: Callable[[], object] = lambda: None) -> dict[str, list[float]]:
     """Seconds per call of each fn, called round-robin `repeats` times (after `warmup` untimed rounds).
 
-    Each fn gets the round index, so paired calls can draw the same randomness.
+    Each fn gets the round index, so paired calls can draw the same randomness.  `sync` waits for queued device
+    work (torch.cuda.synchronize on a GPU), before and after each timed call.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(-warmup, repeats):
         for name, fn in fns.items():
+            sync()
             start = time.perf_counter()
             fn(max(r, 0))
+            sync()
             elapsed = time.perf_counter() - start
             if r >= 0:
                 times[name].append(elapsed)

@@ -32,6 +32,22 @@ def _constant_weights_scope():
         _constant_weights -= 1
 
 
+@contextmanager
+def full_float32():
+    """float32 convolutions and matmuls in IEEE float32, not TF32 (GPUs: cuDNN convolutions default to TF32, whose
+    10-bit mantissa turns a finite difference with eps 1e-3 into noise: 93% error measured on an H200,
+    benchmarks/results_gpu.md).  The previous settings are restored exactly; a no-op on CPUs."""
+    knobs = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    saved = [k.fp32_precision for k in knobs]
+    for k in knobs:
+        k.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for k, v in zip(knobs, saved, strict=True):
+            k.fp32_precision = v
+
+
 def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor], method: str = "autograd",
         eps: float = 1e-3, primal_out: torch.Tensor | None = None):
     """(fn(*primals), directional derivative of fn at primals along tangents), both without graph history.
@@ -48,6 +64,8 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
     All run with autocast off, in the inputs' precision: under bf16 autocast torch.func.jvp fails (torch 2.14: a
     convolution's tangent stays float32 while autocast casts its weight, tests/common/test_gpu_options.py), and a
     finite difference of bf16 outputs would cancel to noise; the sCM paper keeps the tangent in high precision too.
+    The finite difference also turns TF32 off (`full_float32`); the AD paths keep the caller's TF32 setting, whose
+    error is that of the forward pass itself (6e-4 relative on an H200, benchmarks/results_gpu.md).
     """
     primals, tangents = tuple(primals), tuple(tangents)
     full_precision = torch.autocast(primals[0].device.type, enabled=False)
@@ -60,7 +78,7 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
         with torch.no_grad(), full_precision, _constant_weights_scope():
             return torch.func.jvp(fn, primals, tangents)
     if method == "finite_difference":
-        with torch.no_grad(), full_precision:
+        with torch.no_grad(), full_precision, full_float32():
             out = fn(*primals) if primal_out is None else primal_out.detach()
             plus = fn(*(p + eps * v for p, v in zip(primals, tangents, strict=True)))
             minus = fn(*(p - eps * v for p, v in zip(primals, tangents, strict=True)))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.jvp import SharedRandomness, jvp
+from common.jvp import SharedRandomness, full_float32, jvp
 
 
 def fn(x, t):
@@ -53,3 +53,24 @@ def test_finite_difference_reuses_a_given_primal():
     calls.clear()
     out2, d2 = jvp(counted, (x, t), v, method="finite_difference", eps=1e-4, primal_out=fn(x, t))
     assert len(calls) == 2 and torch.equal(out, out2) and torch.equal(d, d2)
+
+
+def test_full_float32_turns_tf32_off_and_restores_the_settings_exactly():
+    """The finite difference runs in IEEE float32 (TF32 gave it 93% error on an H200); the caller's TF32 choice
+    comes back unchanged afterwards, also after an exception."""
+    knobs = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    before = [k.fp32_precision for k in knobs]
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with full_float32():
+                assert [k.fp32_precision for k in knobs] == ["ieee", "ieee"]
+                raise RuntimeError("inside")
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+        seen = []
+        jvp(lambda x: seen.append(torch.backends.cudnn.conv.fp32_precision) or x * 2, (torch.ones(2),),
+            (torch.ones(2),), "finite_difference")
+        assert seen == ["ieee"] * 3 and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        for k, v in zip(knobs, before, strict=True):
+            k.fp32_precision = v
