@@ -25,6 +25,9 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# `--config 'seeds=[0,1]'` arrives as strings: Snakemake reads command-line lists with YAML's BaseLoader.
+if isinstance(config.get("seeds"), list):
+    config["seeds"] = [int(s) if isinstance(s, str) and s.strip().isdigit() else s for s in config["seeds"]]
 validate(config, "workflows/schemas/config.schema.yaml")
 
 
