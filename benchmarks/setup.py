@@ -66,7 +66,7 @@ def teacher_for(config: Config, dataset: str, data: Dataset, device: str | torch
     teacher's backbone (random weights: timing and FLOPs do not depend on the weights)."""
     run = resolve_run(config, dataset, "teacher", 0)
     if run.data.kind == "gmm":
-        from common.gmm import GaussianMixture
+        from core.gmm import GaussianMixture
 
         return GaussianMixture.from_spec(run.data.gmm).teacher()
     method = build_method(run)

@@ -3,7 +3,7 @@
 # `snakemake --profile slurm` can be tested against the real scheduler on one machine. Root only.
 #
 #   cluster/up.sh                      # munge, MariaDB + slurmdbd (sacct works), slurmctld, slurmd
-#   ACCOUNTING=none cluster/up.sh      # no database: then use `slurm-status-command: squeue` (SLURM.md)
+#   ACCOUNTING=none cluster/up.sh      # no database: then use `slurm-status-command: squeue` (docs/cluster.md)
 #   FAKE_GPUS=2 cluster/up.sh          # declare 2 GPUs (copies of /dev/null) so GPU requests can be scheduled
 #   CPUS=4 cluster/up.sh               # declare 4 CPUs whatever the machine has (tests: more jobs at once)
 #   cluster/down.sh                    # stop every daemon by its PID file

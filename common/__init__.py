@@ -1,1 +1,3 @@
-"""Shared parts of cmbench: config, data, backbone, conventions, training loop, sampling, metrics."""
+"""The harness: config, data, the training loop, sampling, metrics, reports, MLflow tracking and the CLI.
+
+It runs the methods (`methods/`) on the math core (`core/`); nothing below imports from here."""

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from core.errors import CheckpointError
+
 from .fsutil import atomic_write_bytes
 
 _STEP_RE = re.compile(r"^ckpt-(\d{8})\.pt$")

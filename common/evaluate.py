@@ -1,47 +1,22 @@
 """Score a samples file: exact metrics on gmm, FD-CNN on images; the protocol goes into every result.
 
-A samples file (npz) carries `samples`, `latents` and a JSON `meta` with the run's resolved config, so
-evaluation needs nothing but the file and a cache folder for the FD-CNN classifier.
+A samples file (common/records.py) carries `samples`, `latents` and a JSON `meta` with the run's resolved config,
+so evaluation needs nothing but the file and a cache folder for the FD-CNN classifier.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from core.errors import DataError
 
 from .config import RunConfig, from_dict
 from .data import load_dataset, load_prepared
-from .errors import DataError
+from .records import read_samples
 
 GMM_REFERENCE_SEED = 2**31 - 1  # fresh "real" points for the energy distance; never a training seed
-META_KEYS = ("run", "steps", "nfe", "sample_seed", "weights")
-
-
-def read_samples(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"samples file not found: {path} (make it with `cmbench sample`)")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            samples = f["samples"]
-            latents = f["latents"] if "latents" in f else None
-            meta = json.loads(str(f["meta"]))
-    except (KeyError, ValueError, OSError) as e:
-        raise DataError(f"{path} is not a cmbench samples file (needs keys samples, meta): {e}") from None
-    if not np.isfinite(samples).all():
-        bad = int((~np.isfinite(samples)).reshape(len(samples), -1).any(1).sum())
-        raise DataError(f"{path}: {bad} of {len(samples)} samples contain NaN or inf; the sampler or the run diverged")
-    if samples.ndim < 2 or len(samples) < 2:
-        raise DataError(f"{path}: samples have shape {samples.shape}; expected [N >= 2, ...] (points or images)")
-    if latents is not None and latents.shape != samples.shape:
-        raise DataError(f"{path}: latents have shape {latents.shape} but samples {samples.shape}; the file is damaged")
-    missing = [k for k in META_KEYS if not isinstance(meta, dict) or k not in meta]
-    if missing:
-        raise DataError(f"{path}: meta lacks {', '.join(missing)}; write samples files with `cmbench sample`")
-    return samples, latents, meta
 
 
 def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", device=None, log=print,
@@ -70,7 +45,8 @@ def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", dev
 
 
 def _gmm_metrics(run: RunConfig, x: torch.Tensor, latents, meta) -> dict:
-    from .gmm import GaussianMixture
+    from core.gmm import GaussianMixture
+
     from .metrics.analytic import energy_distance, flow_map_error, mode_coverage, nll
 
     gmm = GaussianMixture.from_spec(run.data.gmm)

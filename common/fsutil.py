@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import OutputError
+from core.errors import OutputError
 
 
 def _output_error(path: Path, e: OSError) -> OutputError:

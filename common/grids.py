@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import RunConfig, from_dict
-from .evaluate import read_samples
+from .records import read_samples
 
 
 def image_grid(x: np.ndarray, n: int = 64) -> np.ndarray:
@@ -41,7 +41,7 @@ def save_grid(samples_path: str | Path, out: str | Path) -> None:
     else:
         import torch
 
-        from .gmm import GaussianMixture
+        from core.gmm import GaussianMixture
 
         gmm = GaussianMixture.from_spec(run.data.gmm)
         lim = 1.3 * max(abs(np.array(run.data.gmm.means)).max() + 3 * max(run.data.gmm.stds), 0.5)

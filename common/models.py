@@ -6,13 +6,15 @@ from pathlib import Path
 
 import torch
 
+from core.errors import ConfigError
+
 from . import checkpoint
 from .config import NetworkSpec, RunConfig, load_run_config
-from .errors import ConfigError
+from .records import RunDir
 
 
 def build_backbone(spec: NetworkSpec, item_shape: tuple[int, ...]) -> torch.nn.Module:
-    from .backbone import MLP, UNet
+    from core.backbone import MLP, UNet
 
     common = dict(label_dim=spec.label_dim, dropout=spec.dropout, embedding_type=spec.embedding_type,
                   fourier_scale=spec.fourier_scale, adaptive_norm=spec.adaptive_norm,
@@ -38,19 +40,10 @@ def build_method(run: RunConfig):
     return get_method_class(run.method)(**run.method_params)
 
 
-def check_compatible(method, spec: NetworkSpec, where: str = "network") -> None:
-    """Fail before any compute when a method needs a backbone feature the config leaves out."""
-    if method.needs_second_time_input and not spec.second_time_input:
-        raise ConfigError(f"method '{method.name}' needs a second time input: set {where}.second_time_input: true")
-    if method.needs_logvar_head and not spec.logvar_head:
-        raise ConfigError(f"method '{method.name}' needs a log-variance head: set {where}.logvar_head: true")
-
-
 def load_trained(run_dir: str | Path, device: torch.device, weights: str = "ema"):
     """(run config, method, model) of a finished run, with its EMA (default) or raw weights."""
-    run_dir = Path(run_dir)
     run = load_run_config(run_dir)
-    state = checkpoint.load(run_dir / "final.pt", map_location=device)
+    state = checkpoint.load(RunDir(run_dir).final, map_location=device)
     method = build_method(run)
     item_shape = tuple(state["item_shape"])
     model = method.build_model(build_backbone(run.network, item_shape))

@@ -2,7 +2,7 @@
 
 SLURM sends SIGTERM at preemption and at the time limit (then SIGKILL after KillWait, often 30 s), and, with
 `sbatch --signal=USR1@180`, SIGUSR1 three minutes before the limit, which leaves time for a checkpoint.  The loop
-then exits with PREEMPTED_EXIT_STATUS (common.errors); Snakemake's `retries` (or a SLURM requeue) reruns the same
+then exits with PREEMPTED_EXIT_STATUS (core.errors); Snakemake's `retries` (or a SLURM requeue) reruns the same
 command, which resumes exactly.
 """
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .fsutil import atomic_write_text
+from .records import metrics_kind, read_metrics
 
 # The headline metric per dataset kind (lower is better for all of them), and the ones shown in the tables.
 PRIMARY = {"gmm": "energy_distance", "image": "fd_cnn"}
@@ -46,7 +47,7 @@ N_BOOTSTRAP = 10_000
 def tidy(metrics_files: list[str | Path]) -> pd.DataFrame:
     rows = []
     for path in metrics_files:
-        m = json.loads(Path(path).read_text())
+        m = read_metrics(path)
         base = {k: m[k] for k in ("dataset", "method", "seed", "steps", "nfe", "sample_seed", "n_samples", "weights")}
         base.update({f"protocol_{k}": v for k, v in m["protocol"].items() if k != "n_samples"})
         base.update({k: m.get("compute", {}).get(k) for k in COMPUTE_COLUMNS})
@@ -73,8 +74,8 @@ def bootstrap_ci(values, level: float = CONFIDENCE, n_boot: int = N_BOOTSTRAP, s
 
 
 def _kind(df: pd.DataFrame, dataset: str) -> str:
-    family = df.loc[df.dataset == dataset, "protocol_metric_family"].iloc[0]
-    return "gmm" if family.startswith("exact") else "image"
+    """'gmm' or 'image', from the metrics the dataset's files hold."""
+    return metrics_kind(df.loc[df.dataset == dataset, "metric"])
 
 
 def _method_order(methods) -> list[str]:

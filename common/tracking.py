@@ -17,14 +17,16 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
-from .errors import ConfigError
+from core.errors import ConfigError
+
+from .records import RunDir, grid_key, read_metrics
 
 KEY_TAG = "cmbench.key"
 FINGERPRINT_TAG = "cmbench.fingerprint"
 
 
 def default_tracking_uri(root: str | Path = ".") -> str:
-    """Explicit always (SLURM.md): config > MLFLOW_TRACKING_URI > sqlite under results/mlflow."""
+    """Explicit always: config > MLFLOW_TRACKING_URI > sqlite under results/mlflow."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
@@ -67,10 +69,10 @@ def _fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:32]
 
 
-def _run_times(run_dir: Path) -> tuple[int, int]:
+def _run_times(run_dir: RunDir) -> tuple[int, int]:
     """MLflow start and end times (ms) of the training itself, not of this ingestion."""
-    start = (run_dir / "config.json").stat().st_mtime
-    end = (run_dir / "final.pt").stat().st_mtime if (run_dir / "final.pt").exists() else start
+    start = run_dir.config.stat().st_mtime
+    end = run_dir.final.stat().st_mtime if run_dir.final.exists() else start
     return int(start * 1000), int(end * 1000)
 
 
@@ -110,24 +112,21 @@ def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: l
     by_run: dict[tuple, list[dict]] = defaultdict(list)
     metric_paths: dict[tuple, list[Path]] = defaultdict(list)
     for path in map(Path, metrics_files):
-        m = json.loads(path.read_text())
+        m = read_metrics(path)
         key = (m["dataset"], m["method"], int(m["seed"]))
         by_run[key].append(m)
         metric_paths[key].append(path)
     grid_paths: dict[tuple, list[Path]] = defaultdict(list)
-    for path in map(Path, grids):  # results/grids/{dataset}/{method}/seed{seed}/steps{k}.png
-        dataset, method, seed = path.parts[-4], path.parts[-3], int(path.parts[-2].removeprefix("seed"))
-        grid_paths[(dataset, method, seed)].append(path)
+    for path in map(Path, grids):
+        grid_paths[grid_key(path)].append(path)
 
     ids = {}
-    for run_dir in map(Path, run_dirs):
-        config = json.loads((run_dir / "config.json").read_text())
+    for run_dir in map(RunDir, run_dirs):
+        config = run_dir.read_config()
         key = (config["dataset"], config["method"], int(config["seed"]))
         key_str = f"{key[0]}/{key[1]}/seed{key[2]}"
-        info_path = run_dir / "run_info.json"
-        failure_path = run_dir / "failure.json"
-        failure = json.loads(failure_path.read_text()) if failure_path.exists() else None
-        files = [run_dir / "config.json", run_dir / "stats.jsonl", info_path, failure_path, *metric_paths[key],
+        failure = run_dir.read_failure()
+        files = [run_dir.config, run_dir.stats, run_dir.run_info, run_dir.failure, *metric_paths[key],
                  *grid_paths[key]]
         fingerprint = _fingerprint([f for f in files if f.exists()])
         existing = client.search_runs([exp_id], filter_string=f"tags.`{KEY_TAG}` = '{key_str}'")
@@ -137,7 +136,7 @@ def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: l
             continue
         for r in existing:
             client.delete_run(r.info.run_id)
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info = run_dir.read_run_info()
         tags = {KEY_TAG: key_str, FINGERPRINT_TAG: fingerprint, "mlflow.runName": key_str, "dataset": key[0],
                 "method": key[1], "seed": str(key[2]), "git_commit": commit, "data_hash": info.get("data_hash", ""),
                 "device": info.get("device", ""), "run_dir": str(run_dir)}
@@ -152,20 +151,17 @@ def ingest(run_dirs: list[str | Path], metrics_files: list[str | Path], grids: l
         for i in range(0, len(batch), 100):
             client.log_batch(run_id, params=batch[i:i + 100])
         metrics = []
-        stats = run_dir / "stats.jsonl"
-        if stats.exists():
-            for line in stats.read_text().splitlines():
-                row = json.loads(line)
-                for name, value in row.items():
-                    if name != "step" and isinstance(value, int | float):
-                        metrics.append(Metric(f"train/{name}", float(value), 0, int(row["step"])))
+        for row in run_dir.read_stats():
+            for name, value in row.items():
+                if name != "step" and isinstance(value, int | float):
+                    metrics.append(Metric(f"train/{name}", float(value), 0, int(row["step"])))
         for m in by_run.get(key, []):
             for name, value in m["metrics"].items():
                 metrics.append(Metric(f"eval/{name}", float(value), 0, int(m["nfe"])))
                 metrics.append(Metric(f"{name}_nfe{m['nfe']}", float(value), 0, 0))
         for i in range(0, len(metrics), 1000):
             client.log_batch(run_id, metrics=metrics[i:i + 1000])
-        for f in (run_dir / "config.json", stats, info_path, failure_path):
+        for f in (run_dir.config, run_dir.stats, run_dir.run_info, run_dir.failure):
             if f.exists():
                 client.log_artifact(run_id, str(f), "run")
         for f in metric_paths[key]:

@@ -2,66 +2,69 @@
 
 Randomness is a pure function of (seed, step): the data order comes from `data.batch_indices` and the torch RNG
 is reseeded at every step, so a run resumed from a checkpoint takes exactly the steps it would have taken.
-The run folder holds config.json (resolved), stats.jsonl (one line per logging interval), checkpoints/ and,
-when done, final.pt (raw and EMA weights).
+The run folder (common/records.py: RunDir) holds config.json (resolved), stats.jsonl (one line per logging
+interval), checkpoints/ and, when done, run_info.json and final.pt (raw and EMA weights).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
+from core.errors import CheckpointError, ConfigError, Preempted, TrainingError
+
 from . import checkpoint, compute, distributed
 from .config import RunConfig, to_dict
-from .data import batch_indices, data_hash, load_dataset, load_prepared
+from .data import Dataset, batch_indices, data_hash, load_dataset, load_prepared
 from .device import describe
 from .ema import EMA
-from .errors import CheckpointError, ConfigError, Preempted, TrainingError
-from .fsutil import append_line, atomic_write_json, atomic_write_text
-from .models import build_backbone, build_method, check_compatible, load_trained
+from .fsutil import atomic_write_json, atomic_write_text
+from .models import build_backbone, build_method, load_trained
+from .records import RunDir, append_stats, read_stats, truncate_stats
 
-FINAL = "final.pt"
-FAILURE = "failure.json"  # the last attempt's error (non-finite stop); tracking marks the MLflow run FAILED
+if TYPE_CHECKING:
+    from methods.base import Method
 
 
 def step_seed(seed: int, step: int) -> int:
     return seed * 2**32 + step + 1
 
 
-def _check_run_folder(out: Path, run: RunConfig, archive_stale: bool) -> None:
+def _check_run_folder(out: RunDir, run: RunConfig, archive_stale: bool) -> None:
     """A run folder belongs to one config; rerunning with another config must not mix two runs.
 
     With `archive_stale` the old run is renamed aside (nothing is deleted) and training starts afresh.
     """
+    folder = out.path
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"output folder {out} is not writable ({e.strerror}); choose another --out") from None
-    path = out / "config.json"
-    if path.exists():
-        old = json.loads(path.read_text())
+        raise ConfigError(f"output folder {folder} is not writable ({e.strerror}); choose another --out") from None
+    if out.config.exists():
+        old = out.read_config()
         new = to_dict(run)
         if old != new:
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if archive_stale:
-                aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(out, aside)
+                aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(folder, aside)
                 print(f"config changed ({', '.join(diff)}): moved the old run to {aside}")
                 return _check_run_folder(out, run, archive_stale=False)
-            raise ConfigError(f"run folder {out} holds a run with a different config (differs in: {', '.join(diff)}); "
-                              f"use another --out or delete the folder")
+            raise ConfigError(f"run folder {folder} holds a run with a different config (differs in: "
+                              f"{', '.join(diff)}); use another --out or delete the folder")
     else:
-        atomic_write_text(path, run.to_json())
+        atomic_write_text(out.config, run.to_json())
 
 
 def _make_optimizer(run: RunConfig, params):
@@ -85,24 +88,31 @@ def _check_teacher_given(method, run: RunConfig, teacher_dir: str | None) -> Non
     if teacher_dir is not None:
         return
     if method.needs_teacher and run.data.kind != "gmm":
-        raise ConfigError(f"method '{run.method}' distills a teacher: pass --teacher RUN_DIR (a trained 'teacher' "
-                          f"run on '{run.dataset}')")
+        raise _no_teacher_error(run)
     if (run.train.init or method.default_init) == "teacher":
-        raise ConfigError(f"method '{run.method}' starts from the teacher's weights: pass --teacher RUN_DIR "
-                          f"or set train.init: random")
+        raise _teacher_init_error(run)
+
+
+def _no_teacher_error(run: RunConfig) -> ConfigError:
+    return ConfigError(f"method '{run.method}' distills a teacher: pass --teacher RUN_DIR (a trained 'teacher' "
+                       f"run on '{run.dataset}')")
+
+
+def _teacher_init_error(run: RunConfig) -> ConfigError:
+    return ConfigError(f"method '{run.method}' starts from the teacher's weights: pass --teacher RUN_DIR "
+                       f"or set train.init: random")
 
 
 def _distillation_teacher(method, run: RunConfig, t_method, t_model):
-    """What a distillation method distills: the exact mixture on gmm (METHODS.md 10), else the trained teacher."""
+    """What a distillation method distills: the exact mixture on gmm, else the trained teacher."""
     if not method.needs_teacher:
         return None
     if run.data.kind == "gmm":
-        from .gmm import GaussianMixture
+        from core.gmm import GaussianMixture
 
         return GaussianMixture.from_spec(run.data.gmm).teacher()
     if t_model is None:
-        raise ConfigError(f"method '{run.method}' distills a teacher: pass --teacher RUN_DIR (a trained 'teacher' "
-                          f"run on '{run.dataset}')")
+        raise _no_teacher_error(run)
     return t_method.as_teacher(t_model)
 
 
@@ -113,9 +123,8 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     `stop` (common.preemption.StopRequest): once it is set, the loop checkpoints at the next step boundary and
     raises Preempted.
     """
-    out = Path(out)
+    out = RunDir(out)
     method = build_method(run)
-    check_compatible(method, run.network)
     _check_teacher_given(method, run, teacher_dir)
     ranks, device = distributed.setup(run.train.device, run.train.devices)  # one process unless torchrun
     if ranks.is_main:
@@ -123,14 +132,119 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     else:
         log = _quiet
     distributed.barrier(ranks)
-    final = out / FINAL
-    if final.exists():
-        try:
-            checkpoint.load(final)
-            log(f"{final} exists and is valid: nothing to do")
-            return final
-        except CheckpointError as e:
-            log(f"warning: {e}; training again from the last checkpoint")
+    if _finished(out.final, log):
+        return out.final
+    tr = _build(run, method, data_path, teacher_dir, ranks, device, log)
+    start, counters = _resume(tr, out, log)
+    t = run.train
+    log(f"training {run.method} on {run.dataset} (seed {run.seed}): {tr.n_params:,} parameters, "
+        f"{t.iterations} iterations of batch {t.batch_size} on {describe(device)}")
+    batches = Batches.on(tr.data, run, device)
+    _loop(tr, batches, out, start, counters, progress_bar, stop)
+    if ranks.is_main:  # rank 0 alone writes the final weights; the others wait for them
+        _finish(tr, batches, out, log)
+    distributed.barrier(ranks)
+    return out.final
+
+
+@dataclass
+class Trainer:
+    """What the loop trains and reads, built once per invocation (before any checkpoint is loaded into it)."""
+
+    run: RunConfig
+    method: Method
+    data: Dataset
+    ranks: distributed.Group
+    device: torch.device
+    model: torch.nn.Module
+    init: str  # "random" or "teacher": where the weights started
+    extras: dict[str, torch.nn.Module]  # a method's trainable modules beside the network
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    target: torch.nn.Module | None  # CM's theta-, a copy the loss reads and the loop updates
+    teacher: object | None  # what a distillation method distills
+    amp: torch.autocast
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+@dataclass
+class Counters:
+    """The non-finite guard's state; saved in every checkpoint so a resumed run counts on."""
+
+    nonfinite_run: int = 0  # non-finite steps in a row
+    nonfinite_total: int = 0
+    last_finite: float = float("nan")  # the last finite loss
+
+    @classmethod
+    def from_checkpoint(cls, state: dict | None) -> Counters:
+        counters = state.get("counters") if state is not None else None  # absent in checkpoints of older versions
+        return cls(**counters) if counters else cls()
+
+    def to_dict(self) -> dict:
+        return {"nonfinite_run": self.nonfinite_run, "nonfinite_total": self.nonfinite_total,
+                "last_finite": self.last_finite}
+
+
+@dataclass
+class Batches:
+    """The training set on the device; a step's batch is a pure function of (seed, step)."""
+
+    data: Dataset
+    x: torch.Tensor
+    labels: torch.Tensor | None
+    batch_size: int
+    seed: int
+    device: torch.device
+
+    @classmethod
+    def on(cls, data: Dataset, run: RunConfig, device: torch.device) -> Batches:
+        x = data.x.to(device)
+        labels = data.labels.to(device) if (data.labels is not None and run.network.label_dim > 0) else None
+        return cls(data, x, labels, run.train.batch_size, run.seed, device)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The whole batch of `step` (all ranks together)."""
+        return batch_indices(len(self.data), self.batch_size, self.seed, step)
+
+    def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.x[idx], (self.labels[idx] if self.labels is not None else None)
+
+
+@dataclass
+class Window:
+    """The loss terms summed over the finite steps of one logging interval."""
+
+    tick: float  # perf_counter at its start
+    sums: dict[str, float] = field(default_factory=dict)
+    count: int = 0
+
+    def add(self, terms: dict[str, torch.Tensor], grad_norm: torch.Tensor) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
+        self.sums["grad_norm"] = self.sums.get("grad_norm", 0.0) + float(grad_norm)
+        self.count += 1
+
+
+def _finished(final: Path, log) -> bool:
+    """final.pt exists and is valid; a corrupt one is trained again from the last checkpoint."""
+    if not final.exists():
+        return False
+    try:
+        checkpoint.load(final)
+    except CheckpointError as e:
+        log(f"warning: {e}; training again from the last checkpoint")
+        return False
+    log(f"{final} exists and is valid: nothing to do")
+    return True
+
+
+def _build(run: RunConfig, method: Method, data_path: str | None, teacher_dir: str | None,
+           ranks: distributed.Group, device: torch.device, log) -> Trainer:
+    """Data, teacher, networks (seeded by run.seed), optimizer, EMA and target network."""
     data = load_prepared(data_path) if data_path else load_dataset(run.data)
     teacher_method, teacher_model = _load_teacher(run, teacher_dir, device)
     teacher = _distillation_teacher(method, run, teacher_method, teacher_model)
@@ -139,13 +253,7 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     model = method.build_model(build_backbone(run.network, data.item_shape)).to(device)
     init = run.train.init or method.default_init
     if init == "teacher":
-        if teacher_model is None:
-            raise ConfigError(f"method '{run.method}' starts from the teacher's weights: pass --teacher RUN_DIR "
-                              f"or set train.init: random")
-        missing, unexpected = model.backbone.load_state_dict(teacher_model.backbone.state_dict(), strict=False)
-        if unexpected:
-            raise ConfigError(f"teacher backbone does not fit '{run.method}' (unexpected keys {unexpected[:3]})")
-        log(f"initialized from the teacher ({len(missing)} new parameter tensors)")
+        _init_from_teacher(model, teacher_model, run, log)
     if run.train.channels_last:  # NHWC convolutions (tensor cores); EMA and target copies follow
         model.to(memory_format=torch.channels_last)
     extras = {k: m.to(device) for k, m in method.extra_modules().items()}
@@ -155,142 +263,185 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     optimizer = _make_optimizer(run, trainable)
     ema = EMA(model, run.train.ema_halflife_kimg, run.train.ema_rampup_ratio)
     target = None
-    if method.target_decay(0.0) is not None:  # CM's theta-, a copy the loss reads and the loop updates
+    if method.target_decay(0.0) is not None:  # after the EMA, which copies the model too
         target = copy.deepcopy(model).requires_grad_(False)
     if run.train.compile:
         model.compile()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.train.amp == "bf16")
+    return Trainer(run, method, data, ranks, device, model, init, extras, trainable, optimizer, ema, target,
+                   teacher, amp)
 
-    ckpt_dir = out / "checkpoints"
-    for folder in (out, ckpt_dir):  # before this process writes anything (other ranks, if any, write after step 1)
+
+def _init_from_teacher(model: torch.nn.Module, teacher_model: torch.nn.Module | None, run: RunConfig, log) -> None:
+    if teacher_model is None:
+        raise _teacher_init_error(run)
+    missing, unexpected = model.backbone.load_state_dict(teacher_model.backbone.state_dict(), strict=False)
+    if unexpected:
+        raise ConfigError(f"teacher backbone does not fit '{run.method}' (unexpected keys {unexpected[:3]})")
+    log(f"initialized from the teacher ({len(missing)} new parameter tensors)")
+
+
+def _resume(tr: Trainer, out: RunDir, log) -> tuple[int, Counters]:
+    """Load the newest valid checkpoint, if any, into `tr`; return (its step, its counters)."""
+    for folder in (out.path, out.checkpoints):  # before this process writes anything (other ranks: after step 1)
         if n := checkpoint.remove_stale_temporaries(folder):
             log(f"removed {n} temporary file(s) left in {folder} by an interrupted write")
-    state = checkpoint.load_latest(ckpt_dir, map_location=device, log=log)
+    state = checkpoint.load_latest(out.checkpoints, map_location=tr.device, log=log)
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        for k, m in extras.items():
+        tr.model.load_state_dict(state["model"])
+        tr.ema.module.load_state_dict(state["ema"])
+        tr.optimizer.load_state_dict(state["optimizer"])
+        for k, m in tr.extras.items():
             m.load_state_dict(state["extras"][k])
-        if target is not None:
-            target.load_state_dict(state["target"])
+        if tr.target is not None:
+            tr.target.load_state_dict(state["target"])
         start = state["step"]
         log(f"resumed from step {start}")
-    counters = state.get("counters") if state is not None else None  # absent in checkpoints of older versions
-    stats_path = out / "stats.jsonl"
-    _truncate_stats(stats_path, start)
-    (out / FAILURE).unlink(missing_ok=True)  # a new attempt; rewritten if it fails again
+    counters = Counters.from_checkpoint(state)
+    truncate_stats(out.stats, start)
+    out.failure.unlink(missing_ok=True)  # a new attempt; rewritten if it fails again
+    return start, counters
 
-    t = run.train
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"training {run.method} on {run.dataset} (seed {run.seed}): {n_params:,} parameters, "
-        f"{t.iterations} iterations of batch {t.batch_size} on {describe(device)}")
-    x_all = data.x.to(device)
-    labels_all = data.labels.to(device) if (data.labels is not None and run.network.label_dim > 0) else None
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.amp == "bf16")
-    sums: dict[str, float] = {}
-    count = 0
-    nonfinite_run, nonfinite_total, last_finite = (counters["nonfinite_run"], counters["nonfinite_total"],
-                                                   counters["last_finite"]) if counters else (0, 0, float("nan"))
 
-    def save_checkpoint(done: int) -> None:
-        checkpoint.save(checkpoint.step_path(ckpt_dir, done), {
-            "step": done, "model": model.state_dict(), "ema": ema.module.state_dict(),
-            "optimizer": optimizer.state_dict(), "extras": {k: m.state_dict() for k, m in extras.items()},
-            "target": target.state_dict() if target is not None else None,
-            "counters": {"nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total,
-                         "last_finite": last_finite},
-        })
-        checkpoint.prune(ckpt_dir, t.keep_checkpoints)
-
-    tick = time.perf_counter()
-    bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations, disable=(progress_bar is False
-               if progress_bar is not None else None) if ranks.is_main else True, mininterval=2.0,
+def _loop(tr: Trainer, batches: Batches, out: RunDir, start: int, counters: Counters, progress_bar: bool | None,
+          stop) -> None:
+    """Steps start..iterations: log every log_every, checkpoint every checkpoint_every and on a stop request."""
+    run, t = tr.run, tr.run.train
+    window = Window(time.perf_counter())
+    bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations,
+               disable=_bar_disabled(progress_bar, tr.ranks.is_main), mininterval=2.0,
                desc=f"{run.method}/{run.dataset}")
-    model.train()
-    if target is not None:
-        target.train()  # same dropout behaviour as the online network (CM uses the same mask for both)
+    tr.model.train()
+    if tr.target is not None:
+        tr.target.train()  # same dropout behaviour as the online network (CM uses the same mask for both)
     for step in bar:
-        torch.manual_seed(distributed.rank_seed(step_seed(run.seed, step), ranks.rank))
-        idx = distributed.shard(batch_indices(len(data), t.batch_size, run.seed, step), ranks).to(device)
-        x0 = x_all[idx]
-        labels = labels_all[idx] if labels_all is not None else None
-        for group in optimizer.param_groups:
-            group["lr"] = t.lr * min(1.0, (step + 1) / t.lr_warmup) if t.lr_warmup > 0 else t.lr
-        with amp:
-            terms = method.loss(model, x0, progress=step / t.iterations, labels=labels,
-                                teacher=teacher.with_labels(labels) if teacher is not None else None,
-                                target=target)
-        loss = terms["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        finite = distributed.all_true(bool(torch.isfinite(loss)), ranks, device)  # all ranks step or none
-        if finite:
-            loss.backward()
-            distributed.average_gradients(trainable, ranks)  # what DDP would do; see common/distributed.py
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip or math.inf)
-            finite = bool(torch.isfinite(grad_norm))
-        if finite:
-            optimizer.step()
-            ema.update(model, (step + 1) * t.batch_size, t.batch_size)
-            if target is not None:
-                _update_target(target, model, method.target_decay((step + 1) / t.iterations))
-            nonfinite_run, last_finite = 0, float(loss.detach())
-            for k, v in terms.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-            count += 1
-        else:  # counted and reported, never replaced: the step is skipped
-            nonfinite_run += 1
-            nonfinite_total += 1
-            if nonfinite_run >= t.max_nonfinite:
-                message = (f"{nonfinite_run} non-finite losses or gradients in a row at step {step} of "
-                           f"{run.method}/{run.dataset} (last finite loss {last_finite:.4g}); lower train.lr or "
-                           f"set train.grad_clip")
-                if ranks.is_main:
-                    atomic_write_json(out / FAILURE, {"status": "FAILED", "step": step, "error": message,
-                                                      "nonfinite_total": nonfinite_total,
-                                                      "last_finite_loss": last_finite})
-                raise TrainingError(message)
+        _step(tr, batches, step, counters, window, out)
         done = step + 1
         if done % t.log_every == 0 or done == t.iterations:
-            now = time.perf_counter()
-            row = {"step": done, "kimg": done * t.batch_size / 1000, "lr": optimizer.param_groups[0]["lr"],
-                   "sec_per_iter": (now - tick) / max(count + nonfinite_run, 1), "nonfinite_total": nonfinite_total}
-            row.update(distributed.mean_scalars({k: v / max(count, 1) for k, v in sums.items()}, ranks, device))
-            if ranks.is_main:
-                append_line(stats_path, json.dumps(row))
-            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}")
-            sums, count, tick = {}, 0, now
-        stopping = not distributed.all_true(not stop, ranks, device)  # a signal to one rank stops them all
-        if (done % t.checkpoint_every == 0 or done == t.iterations or stopping) and ranks.is_main:
-            save_checkpoint(done)
+            _log(tr, out, bar, window, counters, done)
+        stopping = not distributed.all_true(not stop, tr.ranks, tr.device)  # a signal to one rank stops them all
+        if (done % t.checkpoint_every == 0 or done == t.iterations or stopping) and tr.ranks.is_main:
+            _save_checkpoint(tr, out, done, counters)
         if stopping and done < t.iterations:
             bar.close()
             signal = getattr(stop, "signal", None) or "a stop signal to another rank"
             raise Preempted(f"{signal} received: checkpoint written at step {done} of {t.iterations} in "
-                            f"{ckpt_dir}; rerun the same command to resume")
+                            f"{out.checkpoints}; rerun the same command to resume")
     bar.close()
-    if not ranks.is_main:  # rank 0 alone writes the final weights; the others wait for them
-        distributed.barrier(ranks)
-        return final
-    digest = data_hash(data)
-    first = batch_indices(len(data), t.batch_size, run.seed, 0).to(device)
-    flops = compute.train_iteration_flops(method, model, x_all[first], teacher=teacher, target=target,
-                                          labels=labels_all[first] if labels_all is not None else None)
-    seconds = _train_seconds(stats_path)
+
+
+def _bar_disabled(progress_bar: bool | None, is_main: bool) -> bool | None:
+    """tqdm's `disable`: always on ranks other than 0; None lets tqdm decide (hidden when not on a terminal)."""
+    if not is_main:
+        return True
+    if progress_bar is None:
+        return None
+    return not progress_bar
+
+
+def _step(tr: Trainer, batches: Batches, step: int, counters: Counters, window: Window, out: RunDir) -> bool:
+    """One optimizer step; a non-finite loss or gradient skips it (counted; too many in a row stop the run).
+
+    Returns whether the step was taken."""
+    t = tr.run.train
+    terms, grad_norm = _gradients(tr, batches, step)
+    if grad_norm is None:  # counted and reported, never replaced: the step is skipped
+        _skip_nonfinite(tr, step, counters, out)
+        return False
+    tr.optimizer.step()
+    tr.ema.update(tr.model, (step + 1) * t.batch_size, t.batch_size)
+    if tr.target is not None:
+        _update_target(tr.target, tr.model, tr.method.target_decay((step + 1) / t.iterations))
+    counters.nonfinite_run, counters.last_finite = 0, float(terms["loss"].detach())
+    window.add(terms, grad_norm)
+    return True
+
+
+def _gradients(tr: Trainer, batches: Batches, step: int) -> tuple[dict, torch.Tensor | None]:
+    """(loss terms, gradient norm) of `step`'s batch, with the gradients in place; norm None if non-finite."""
+    run, t = tr.run, tr.run.train
+    torch.manual_seed(distributed.rank_seed(step_seed(run.seed, step), tr.ranks.rank))
+    idx = distributed.shard(batches.indices(step), tr.ranks).to(tr.device)
+    x0, labels = batches.take(idx)
+    for group in tr.optimizer.param_groups:
+        group["lr"] = t.lr * min(1.0, (step + 1) / t.lr_warmup) if t.lr_warmup > 0 else t.lr
+    with tr.amp:
+        terms = tr.method.loss(tr.model, x0, progress=step / t.iterations, labels=labels,
+                               teacher=tr.teacher.with_labels(labels) if tr.teacher is not None else None,
+                               target=tr.target)
+    loss = terms["loss"]
+    tr.optimizer.zero_grad(set_to_none=True)
+    if not distributed.all_true(bool(torch.isfinite(loss)), tr.ranks, tr.device):  # all ranks step or none
+        return terms, None
+    loss.backward()
+    distributed.average_gradients(tr.trainable, tr.ranks)  # what DDP would do; see common/distributed.py
+    grad_norm = torch.nn.utils.clip_grad_norm_(tr.trainable, t.grad_clip or math.inf)
+    return terms, grad_norm if bool(torch.isfinite(grad_norm)) else None
+
+
+def _skip_nonfinite(tr: Trainer, step: int, counters: Counters, out: RunDir) -> None:
+    """Count a skipped step; after train.max_nonfinite in a row, write failure.json and raise TrainingError."""
+    run = tr.run
+    counters.nonfinite_run += 1
+    counters.nonfinite_total += 1
+    if counters.nonfinite_run < run.train.max_nonfinite:
+        return
+    message = (f"{counters.nonfinite_run} non-finite losses or gradients in a row at step {step} of "
+               f"{run.method}/{run.dataset} (last finite loss {counters.last_finite:.4g}); lower train.lr or "
+               f"set train.grad_clip")
+    if tr.ranks.is_main:
+        atomic_write_json(out.failure, {"status": "FAILED", "step": step, "error": message,
+                                        "nonfinite_total": counters.nonfinite_total,
+                                        "last_finite_loss": counters.last_finite})
+    raise TrainingError(message)
+
+
+def _log(tr: Trainer, out: RunDir, bar, window: Window, counters: Counters, done: int) -> None:
+    """Append one stats.jsonl row (means over the interval, over all ranks) and start a new interval."""
+    t = tr.run.train
+    now = time.perf_counter()
+    row = {"step": done, "kimg": done * t.batch_size / 1000, "lr": tr.optimizer.param_groups[0]["lr"],
+           "sec_per_iter": (now - window.tick) / max(window.count + counters.nonfinite_run, 1),
+           "nonfinite_total": counters.nonfinite_total}
+    means = {k: v / max(window.count, 1) for k, v in window.sums.items()}
+    row.update(distributed.mean_scalars(means, tr.ranks, tr.device))
+    if tr.ranks.is_main:
+        append_stats(out.stats, row)
+    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}")
+    window.tick, window.sums, window.count = now, {}, 0
+
+
+def _save_checkpoint(tr: Trainer, out: RunDir, done: int, counters: Counters) -> None:
+    checkpoint.save(checkpoint.step_path(out.checkpoints, done), {
+        "step": done, "model": tr.model.state_dict(), "ema": tr.ema.module.state_dict(),
+        "optimizer": tr.optimizer.state_dict(), "extras": {k: m.state_dict() for k, m in tr.extras.items()},
+        "target": tr.target.state_dict() if tr.target is not None else None,
+        "counters": counters.to_dict(),
+    })
+    checkpoint.prune(out.checkpoints, tr.run.train.keep_checkpoints)
+
+
+def _finish(tr: Trainer, batches: Batches, out: RunDir, log) -> None:
+    """FLOPs of one iteration, run_info.json, then final.pt (which marks the run done)."""
+    run, t = tr.run, tr.run.train
+    digest = data_hash(tr.data)
+    x_first, labels_first = batches.take(batches.indices(0).to(tr.device))
+    flops = compute.train_iteration_flops(tr.method, tr.model, x_first, teacher=tr.teacher, target=tr.target,
+                                          labels=labels_first)
+    seconds = _train_seconds(out.stats)
+    n_params = tr.n_params
     # run_info.json before final.pt: final.pt marks the run done, so a kill between the two must not lose run_info
-    atomic_write_json(out / "run_info.json", {"n_params": n_params, "data_hash": digest, "device": describe(device),
-                          "iterations": t.iterations, "batch_size": t.batch_size, "init": init,
-                          "train_seconds": seconds, "sec_per_iter": seconds / t.iterations,
-                          "train_flops_per_iter": flops, "train_flops_total": flops * t.iterations})
-    checkpoint.save(final, {
-        "step": t.iterations, "model": model.state_dict(), "ema": ema.module.state_dict(),
-        "item_shape": list(data.item_shape), "data_hash": digest, "n_params": n_params,
+    atomic_write_json(out.run_info, {"n_params": n_params, "data_hash": digest, "device": describe(tr.device),
+                                     "iterations": t.iterations, "batch_size": t.batch_size, "init": tr.init,
+                                     "train_seconds": seconds, "sec_per_iter": seconds / t.iterations,
+                                     "train_flops_per_iter": flops, "train_flops_total": flops * t.iterations})
+    checkpoint.save(out.final, {
+        "step": t.iterations, "model": tr.model.state_dict(), "ema": tr.ema.module.state_dict(),
+        "item_shape": list(tr.data.item_shape), "data_hash": digest, "n_params": n_params,
         "config": run.to_json(),
     })
-    log(f"wrote {final}")
-    distributed.barrier(ranks)
-    return final
+    log(f"wrote {out.final}")
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -306,28 +457,7 @@ def _update_target(target: torch.nn.Module, model: torch.nn.Module, mu: float) -
 def _train_seconds(stats_path: Path) -> float:
     """Wall time of the training steps, summed over every invocation that contributed to the run."""
     total, prev = 0.0, 0
-    for row in _read_stats(stats_path):
+    for row in read_stats(stats_path):
         total += row["sec_per_iter"] * (row["step"] - prev)
         prev = row["step"]
     return total
-
-
-
-
-def _read_stats(path: Path) -> list[dict]:
-    """The rows of stats.jsonl; a line torn by a kill in mid-append is skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _truncate_stats(path: Path, step: int) -> None:
-    """Drop stats lines past the resumed step (and torn ones), so a resumed run's history has no duplicates."""
-    if not path.exists():
-        return
-    rows = [row for row in _read_stats(path) if row["step"] <= step]
-    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

@@ -1,8 +1,10 @@
-"""The method interface (DESIGN.md contracts): a frozen dataclass whose defaults are its paper's values.
+"""The method interface (docs/extending.md): a frozen dataclass whose defaults are its paper's values.
 
 A method owns its time convention, its parameterization around the shared backbone, its loss, its time
 sampling and its sampler.  Everything else (data, backbone, loop, EMA, checkpoints, evaluation) is shared.
 Curricula are pure functions of `progress` in [0, 1], never stored state, so a resumed run is the same run.
+A method uses only the math core (`core/`); parameters are validated with `core.errors.require` in
+`__post_init__`, and the backbone features it declares here are switched on for it by the harness.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from typing import ClassVar
 import torch
 
 Randn = Callable[[torch.Tensor], torch.Tensor]
-"""randn(like) -> standard normal noise shaped like `like`, drawn from per-image generators (common.sample)."""
+"""randn(like) -> standard normal noise shaped like `like`, drawn from per-image generators (the harness's sampler)."""
 
 
 @dataclass(frozen=True)
 class Method:
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = False  # distillation: the loop passes a ConvertedTeacher
-    default_init: ClassVar[str] = "random"  # "random" or "teacher" (METHODS.md, Initialization)
-    needs_second_time_input: ClassVar[bool] = False  # CTM's g(x, t, s)
-    needs_logvar_head: ClassVar[bool] = False  # sCM's adaptive weighting
+    default_init: ClassVar[str] = "random"  # "random" or "teacher": the paper's initialization
+    needs_second_time_input: ClassVar[bool] = False  # a second time input s: CTM's g(x, t, s), FACM's r
+    needs_logvar_head: ClassVar[bool] = False  # a log-variance head u(t): sCM's adaptive weighting
     start_sigma: ClassVar[float] = 80.0  # where sampling starts, in EDM sigma (for flow-map errors on gmm)
 
     def build_model(self, backbone: torch.nn.Module) -> torch.nn.Module:

@@ -1,25 +1,8 @@
 """Consistency models (Song, Dhariwal, Chen & Sutskever 2023, arXiv:2303.01469): distillation (CD) and training (CT).
 
-Both learn f_theta(x, sigma) ~ Phi_{sigma -> sigma_min}(x), the PF-ODE flow map to the data end, with the boundary
-condition f(x, sigma_min) = x built into the parameterization (common.precond.CMDenoiser, App. C), and differ
-only in where the target point of a pair on the Karras grid comes from (Algorithms 2 and 3):
-
-    i ~ U{0, ..., N-2},  t = sigma_i > r = sigma_{i+1},  eps ~ N(0, I),  x_t = x0 + t eps
-    CD: x_r = one Heun (or Euler) step of the teacher PF-ODE from (x_t, t) to r
-    CT: x_r = x0 + r eps (the same eps: the one-sample score estimate)
-    loss = lambda d(f_theta(x_t, t), sg f_theta-(x_r, r)),  lambda = 1,  theta- <- mu theta- + (1 - mu) theta
-
-Distance: the paper's best results use LPIPS on images upsampled to 224; LPIPS needs VGG weights that cannot be
-fetched offline, so d is "l2" (the per-sample mean of squared errors, the official `l2` loss) or "pseudo_huber"
-(iCT's sqrt(||x - y||^2 + c^2) - c on the per-sample L2 norm, c = 0.00054 sqrt(D)); results are labelled with it.
-
-c_noise = noise_scale ln(sigma): 0.25 by default (EDM's ln(sigma)/4, so CD, which starts from the EDM teacher's
-weights, starts as the teacher up to CM's boundary coefficients); the official openai/consistency_models code uses
-250 (its 1000 * 0.25 `rescaled_t`), available as `noise_scale: 250`.
-
-Sampler (Algorithm 1): x0 = f(sigma_max z, sigma_max), then x = x0 + sqrt(tau^2 - sigma_min^2) eps, x0 = f(x, tau)
-for each intermediate level tau.  The paper found the levels by ternary search per model; the default 0.821 is
-iCT's / ECT's CIFAR-10 2-step value.
+f_theta(x, sigma) ~ Phi_{sigma -> sigma_min}(x) with f(x, sigma_min) = x built in (CMDenoiser).  CD and CT differ
+only in where the target point of a pair on the Karras grid comes from (Algorithms 2 and 3); iCT and ECT share
+the parameterization and the multistep sampler (`ConsistencyModel`).  Equations and departures: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -30,12 +13,14 @@ from typing import Literal
 
 import torch
 
-from common.conventions import append_dims
-from common.jvp import SharedRandomness
-from common.ode import euler_step, heun_step
-from common.precond import CMDenoiser
-from common.samplers import consistency_multistep, multistep_sigmas
-from common.schedules import karras_sigmas
+from core.conventions import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, append_dims, require_noise_range
+from core.errors import require
+from core.jvp import SharedRandomness
+from core.losses import Distance, consistency_distance
+from core.ode import euler_step, heun_step
+from core.precond import CMDenoiser
+from core.samplers import consistency_multistep, multistep_sigmas
+from core.schedules import karras_sigmas
 
 from .base import Method, Randn
 from .registry import register
@@ -48,31 +33,51 @@ def sample_pairs(sigmas: torch.Tensor, n: int, device=None):
     return i, sigmas[i], sigmas[i + 1]
 
 
-def cm_distance(a: torch.Tensor, b: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-sample distance [N]: "l2" = mean over dimensions of (a - b)^2; "pseudo_huber" = sqrt(||a - b||^2 + c^2)
-    - c with c = 0.00054 sqrt(D) (Song & Dhariwal 2023)."""
-    diff = (a - b).flatten(1).float()
-    if kind == "l2":
-        return diff.square().mean(1)
-    if kind == "pseudo_huber":
-        c = 0.00054 * math.sqrt(diff.shape[1])
-        return (diff.square().sum(1) + c**2).sqrt() - c
-    raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {kind!r}")
+def noised_pair(x0: torch.Tensor, t: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 + t eps, x0 + r eps) with one eps ~ N(0, I): consistency training's one-sample estimate of the ODE step
+    (CT's target point, iCT's and ECT's pairs)."""
+    eps = torch.randn_like(x0)
+    return x0 + append_dims(t, x0.ndim) * eps, x0 + append_dims(r, x0.ndim) * eps
 
 
 @dataclass(frozen=True)
 class ConsistencyModel(Method):
-    """What CD and CT share: parameterization, pairs on the Karras grid, distance, loss and sampler."""
+    """CM's parameterization and multistep sampler (Algorithm 1), shared by CD, CT, iCT and ECT.
 
-    distance: Literal["l2", "pseudo_huber"] = "l2"
+    noise_scale: c_noise = noise_scale ln(sigma); 0.25 is EDM's (a teacher-initialized student starts as the
+    teacher), openai/consistency_models uses 250.  mid_sigmas: the sampler's intermediate levels (0.821 is the
+    2-step level of iCT and ECT on CIFAR-10); more steps than listed use a Karras grid.
+    """
+
+    sigma_data: float = SIGMA_DATA
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    rho: float = RHO
     noise_scale: float = 0.25
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
     mid_sigmas: list[float] = field(default_factory=lambda: [0.821])
 
-    # -- what CD and CT define differently
+    def __post_init__(self):
+        require_noise_range(self.sigma_min, self.sigma_max, self.sigma_data)
+        require(self.rho > 0, "rho", "must be > 0")
+        require(self.noise_scale > 0, "noise_scale", "must be > 0")
+        levels = [self.sigma_max, *self.mid_sigmas]
+        require(all(b < a for a, b in zip(levels[:-1], levels[1:], strict=True)) and levels[-1] > self.sigma_min,
+                "mid_sigmas", f"must descend inside ({self.sigma_min}, {self.sigma_max})")
+
+    def build_model(self, backbone):
+        return CMDenoiser(backbone, self.sigma_data, self.sigma_min, self.noise_scale)
+
+    def sample(self, model, z, steps, *, randn: Randn, labels=None):
+        sigmas = multistep_sigmas(steps, self.mid_sigmas, self.sigma_max, self.sigma_min, self.rho)
+        return consistency_multistep(lambda x, s: model(x, s, labels), z, sigmas, randn, self.sigma_min)
+
+
+@dataclass(frozen=True)
+class _GridPairs(ConsistencyModel):
+    """CD and CT: a pair of adjacent levels of a Karras grid of N levels, lambda = 1, an EMA target theta-."""
+
+    distance: Distance = "l2"
+
     def num_scales(self, progress: float) -> int:
         """N: the number of levels of the Karras grid at this point of training."""
         raise NotImplementedError
@@ -80,10 +85,6 @@ class ConsistencyModel(Method):
     def target_point(self, x0, x_t, t, r, eps, teacher) -> torch.Tensor:
         """x_r, the point whose target-network output is the regression target (no gradient)."""
         raise NotImplementedError
-
-    # -- shared
-    def build_model(self, backbone):
-        return CMDenoiser(backbone, self.sigma_data, self.sigma_min, self.noise_scale)
 
     def loss(self, model, x0, *, progress, labels=None, teacher=None, target=None):
         n = self.num_scales(progress)
@@ -99,27 +100,16 @@ class ConsistencyModel(Method):
             f_t = model(x_t, t, labels)
         with torch.no_grad(), rng.replay():
             f_r = target(x_r, r, labels)
-        d = cm_distance(f_t, f_r.detach(), self.distance)  # lambda(t) = 1
+        d = consistency_distance(f_t, f_r.detach(), self.distance)  # lambda(t) = 1
         return {"loss": d.mean(), "N": torch.tensor(float(n)), "mu": torch.tensor(self.target_decay(progress)),
                 "mean_t": t.mean()}
-
-    def sample(self, model, z, steps, *, randn: Randn, labels=None):
-        sigmas = multistep_sigmas(steps, self.mid_sigmas, self.sigma_max, self.sigma_min, self.rho)
-        return consistency_multistep(lambda x, s: model(x, s, labels), z, sigmas, randn, self.sigma_min)
-
-    def nfe(self, steps: int) -> int:
-        return steps
 
 
 @register
 @dataclass(frozen=True)
-class CD(ConsistencyModel):
+class CD(_GridPairs):
     """Consistency distillation (Algorithm 2): x_r by one ODE step of the teacher; N = 18 and mu = 0 (CIFAR-10,
-    Table 3; ImageNet-64 uses N = 40, mu = 0.95).  Starts from the teacher's weights.
-
-    On the analytic track mu = 0.95 is far better in short runs (2-D mixture, 1500 iterations: 1-step flow-map
-    error 0.025 vs 0.14 with mu = 0), so the quick-track config may set it; the default stays the paper's.
-    """
+    Table 3; ImageNet-64 uses N = 40, mu = 0.95).  Starts from the teacher's weights."""
 
     name = "cd"
     needs_teacher = True
@@ -127,6 +117,11 @@ class CD(ConsistencyModel):
     N: int = 18
     target_ema: float = 0.0
     solver: Literal["heun", "euler"] = "heun"
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.N >= 2, "N", "must be >= 2 (a pair of adjacent levels)")
+        require(0.0 <= self.target_ema < 1.0, "target_ema", "must lie in [0, 1)")
 
     def num_scales(self, progress):
         return self.N
@@ -143,7 +138,7 @@ class CD(ConsistencyModel):
 
 @register
 @dataclass(frozen=True)
-class CT(ConsistencyModel):
+class CT(_GridPairs):
     """Consistency training (Algorithm 3): x_r = x0 + r eps with the same eps; N(k) and mu(k) grow with training
     (App. C, CIFAR-10: s0 = 2, s1 = 150, mu0 = 0.9).  Trained from random weights."""
 
@@ -152,6 +147,12 @@ class CT(ConsistencyModel):
     s0: int = 2
     s1: int = 150
     mu0: float = 0.9
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.s0 >= 1, "s0", "must be >= 1")
+        require(self.s1 >= self.s0, "s1", "must be >= s0")
+        require(0.0 < self.mu0 < 1.0, "mu0", "must lie in (0, 1)")
 
     def num_scales(self, progress):
         """N(k) = ceil(sqrt(k/K ((s1 + 1)^2 - s0^2) + s0^2) - 1) + 1, k/K = progress."""
@@ -162,10 +163,5 @@ class CT(ConsistencyModel):
         return x0 + append_dims(r, x0.ndim).to(x0.dtype) * eps
 
     def target_decay(self, progress):
-        """mu(k) = exp(s0 ln(mu0) / N(k)) as in the paper (App. C), so mu(0) = mu0.
-
-        Both official codes (openai/consistency_models `create_ema_and_scales_fn`, consistency_models_cifar10
-        `get_ema_scales_fn`) divide by N(k) - 1 instead (they compute mu before adding 1 to the level count), so
-        their mu starts at mu0^2 = 0.81; we follow the paper's formula (METHODS.md 2).
-        """
+        """mu(k) = exp(s0 ln(mu0) / N(k)), the paper's formula (both official codes divide by N(k) - 1)."""
         return math.exp(self.s0 * math.log(self.mu0) / self.num_scales(progress))

@@ -1,44 +1,11 @@
-"""Consistency Trajectory Models (Kim et al. 2023, arXiv:2310.02279, ICLR 2024), without the GAN term.
+"""Consistency Trajectory Models (Kim et al. 2023, arXiv:2310.02279), without the GAN term.
 
-CTM learns the anytime-to-anytime jump G_theta(x_t, t, s) ~ Phi_{t -> s}(x_t) along the teacher's PF-ODE:
-
-    g(x, t, s)  = EDM-preconditioned x0-prediction with an extra embedding of s (common.precond.EDMDenoiser with
-                  the backbone's zero-initialized s-branch, so a teacher-initialized g starts as the teacher)
-    G(x, t, s)  = (s/t) x + (1 - s/t) g(x, t, s)            ("euler" outer parameterization: G(x, t, t) = x)
-
-Each iteration (official code: Kim-Dongjun/ctm-cifar10 `cm/karras_diffusion.py` `ctm_losses`, `cm/resample.py`):
-
-    k ~ p(k) ∝ k on {1..K_max}, one k per batch      (`heun_step_strategy='weighted'`, multiplier 1)
-    n ~ U{0..N-1-k},  t = sigma_n,  u = sigma_{n+k}   (per sample; `UniformSampler.weights` = ones(N - k))
-    j ~ U{n+k..N-1},  s = sigma_j                     (per sample, on the grid, both ends included: s = u and
-                                                       s = sigma_min both occur; `sample_s_strategy='uniform'`)
-    x_t = x0 + t eps,   x_u = k Heun steps of the teacher on the grid from t to u (no gradient)
-    estimate = G_sg(G_theta(x_t, t, s), s, sigma_min)             (gradient through G_sg's input, not its weights)
-    target   = sg G_sg(G_sg(x_u, u, s), s, sigma_min)
-    L_CTM    = d(estimate, target),  lambda = 1 (`weight_schedule='uniform'`)
-    L_DSM    = lam(sigma) ||g_theta(x_sigma, sigma, sigma) - x0||^2,  lam = (sigma^2 + sigma_d^2)/(sigma sigma_d)^2
-               sigma: the first half of the batch ln sigma ~ N(-1.2, 1.2^2), the second half uniform in the
-               Karras rho-space over the first 70% of [sigma_max, sigma_min] (`HalfLogNormalHalfUniformSampler`,
-               `diffusion_mult=0.7`: sigma in (0.318, 80]); continuous, not on the N-point grid
-    loss     = mean L_CTM + w mean L_DSM,  w = sg clamp(||grad_W L_CTM|| / (||grad_W L_DSM|| + 1e-4), 0, 1e4)
-               (VQGAN's adaptive weight at the output layer W; `calculate_adaptive_weight`)
-
-G_sg is the EMA target network theta- (mu = 0.999, `start_ema`, kept by the loop).  `target_inner` chooses the
-weights of the target's inner jump G_sg(x_u, u, s): "ema" (default: the paper's Algorithm 1 writes theta_sg, the
-EMA, everywhere) or "online" (sg of the current weights: the released code's default `ctm_target_inner_type=
-'model_sg'`).
-
-Distance: the paper uses LPIPS on images upsampled to 224; LPIPS needs VGG weights that cannot be fetched offline,
-so d is "l2" (per-sample mean of squared errors) or "pseudo_huber" (sqrt(||x - y||^2 + c^2) - c on the per-sample
-L2 norm, c = 0.00054 sqrt(D), as in iCT; sony/ctm's `pseudo-huber` applies it per element); results are labelled
-with it.  GAN: the paper's best numbers (CIFAR-10 1.98 FID at 1 step) add a StyleGAN-XL discriminator; this is
-CTM + DSM without GAN, the benchmark's core row (about 5.19 FID at 1 step on CIFAR-10 in the SCT paper's table).
-
-gamma-sampling (`cm/sample_util.py` `sample_gamma_multistep` / `sample_exact`): on t_0 = sigma_max > ... >
-t_steps = sigma_min, s_n = sqrt(1 - gamma^2)(t_{n+1} - sigma_min) + sigma_min and x <- G(x, t_n, s_n) +
-sqrt(t_{n+1}^2 - s_n^2) z (no noise after the last jump, which lands on sigma_min).  gamma = 0 (the paper's
-deterministic default, `--sampler=exact` in the released commands) jumps along the ODE; gamma = 1 is CM's
-multistep sampler with f(x, t) = G(x, t, sigma_min).  One network evaluation per step.
+CTM learns the anytime-to-anytime jump G_theta(x_t, t, s) ~ Phi_{t -> s}(x_t) along the teacher's PF-ODE, with
+G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s) and g an EDM-preconditioned x0-prediction given the second time s.
+Each iteration draws k teacher Heun steps, a start t, an intermediate u and an end s on the Karras grid, and
+matches G_sg(G_theta(x_t, t, s), s, sigma_min) to sg G_sg(G_sg(x_u, u, s), s, sigma_min), plus EDM's denoising
+loss with VQGAN's adaptive weight.  Equations, the gamma-sampler and departures from the released code
+(Kim-Dongjun/ctm-cifar10): docs/methods.md.
 """
 
 from __future__ import annotations
@@ -49,12 +16,14 @@ from typing import Literal
 
 import torch
 
-from common.conventions import append_dims
-from common.jvp import SharedRandomness
-from common.ode import heun_step
-from common.precond import EDMDenoiser
-from common.samplers import multistep_sigmas
-from common.schedules import karras_sigmas, lognormal_sigma
+from core.conventions import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, append_dims, require_noise_range, time_vector
+from core.errors import require
+from core.jvp import SharedRandomness
+from core.losses import Distance, consistency_distance
+from core.ode import heun_step
+from core.precond import EDMDenoiser
+from core.samplers import multistep_sigmas
+from core.schedules import karras_sigmas, lognormal_sigma
 
 from .base import Method, Randn
 from .registry import register
@@ -71,22 +40,9 @@ class CTMJump(EDMDenoiser):
         return super().forward(x, t, labels, s=s)
 
     def forward(self, x: torch.Tensor, t, s, labels=None) -> torch.Tensor:
-        t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        s = torch.as_tensor(s, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        t, s = time_vector(t, x, x.dtype), time_vector(s, x, x.dtype)
         ratio = append_dims(s / t, x.ndim)
         return ratio * x + (1 - ratio) * self.g(x, t, s, labels)
-
-
-def ctm_distance(a: torch.Tensor, b: torch.Tensor, kind: str, c: float | None = None) -> torch.Tensor:
-    """Per-sample distance [N]: "l2" = mean over dimensions of (a - b)^2; "pseudo_huber" = sqrt(||a - b||^2 + c^2)
-    - c on the per-sample L2 norm, c = 0.00054 sqrt(D) unless given."""
-    diff = (a - b).flatten(1).float()
-    if kind == "l2":
-        return diff.square().mean(1)
-    if kind == "pseudo_huber":
-        c = 0.00054 * math.sqrt(diff.shape[1]) if c is None else c
-        return (diff.square().sum(1) + c**2).sqrt() - c
-    raise ValueError(f"distance must be 'l2' or 'pseudo_huber', got {kind!r}")
 
 
 def output_layer_weight(model: torch.nn.Module) -> torch.nn.Parameter:
@@ -122,7 +78,7 @@ class CTM(Method):
     k_power: float = 1.0  # p(k) ∝ k^k_power (`heun_step_multiplier`)
     target_ema: float = 0.999  # mu of the target network theta- (`start_ema`)
     target_inner: Literal["ema", "online"] = "ema"
-    distance: Literal["l2", "pseudo_huber"] = "l2"
+    distance: Distance = "l2"
     huber_c: float | None = None  # None: 0.00054 sqrt(D)
     dsm: bool = True  # `diffusion_training`
     dsm_balance: Literal["adaptive", "fixed"] = "adaptive"  # `apply_adaptive_weight`
@@ -134,19 +90,24 @@ class CTM(Method):
     gan: bool = False
     gamma: float = 0.0
     mid_sigmas: list[float] = field(default_factory=list)  # empty: the Karras grid of steps + 1 levels
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    sigma_data: float = SIGMA_DATA
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    rho: float = RHO
 
     def __post_init__(self):
-        if self.gan:
-            raise NotImplementedError("ctm: the GAN term (StyleGAN-XL discriminator) is not implemented; this is "
-                                      "CTM + DSM without GAN (set gan: false)")
-        if self.N < 2 or not 1 <= self.K_max <= self.N - 1:
-            raise ValueError(f"ctm needs N >= 2 and 1 <= K_max <= N - 1, got N={self.N}, K_max={self.K_max}")
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"ctm: gamma must lie in [0, 1], got {self.gamma}")
+        require(not self.gan, "gan", "the GAN term (StyleGAN-XL discriminator) is not implemented; set gan: false")
+        require(self.N >= 2, "N", "must be >= 2")
+        require(1 <= self.K_max <= self.N - 1, "K_max", f"must lie in [1, N - 1] = [1, {self.N - 1}]")
+        require(self.k_power >= 0, "k_power", "must be >= 0")
+        require(0.0 <= self.target_ema < 1.0, "target_ema", "must lie in [0, 1)")
+        require(self.huber_c is None or self.huber_c >= 0, "huber_c", "must be >= 0 (or null for 0.00054 sqrt(D))")
+        require(self.dsm_weight >= 0, "dsm_weight", "must be >= 0")
+        require(self.dsm_weight_max > 0, "dsm_weight_max", "must be > 0")
+        require(self.dsm_P_std > 0, "dsm_P_std", "must be > 0")
+        require(0.0 < self.dsm_grid_mult <= 1.0, "dsm_grid_mult", "must lie in (0, 1]")
+        require(0.0 <= self.gamma <= 1.0, "gamma", "must lie in [0, 1]")
+        require_noise_range(self.sigma_min, self.sigma_max, self.sigma_data)
 
     # -- parameterization and times
     def build_model(self, backbone):
@@ -203,7 +164,7 @@ class CTM(Method):
             x_s_theta = model(x_t, t, s, labels)
         with rng.replay():
             estimate = G_sg(x_s_theta, s, s_min, labels)
-        l_ctm = ctm_distance(estimate, ctm_target, self.distance, self.huber_c).mean()
+        l_ctm = consistency_distance(estimate, ctm_target, self.distance, self.huber_c).mean()
         terms = {"ctm": l_ctm.detach(), "k": torch.tensor(float(k))}
         if not self.dsm:
             return {"loss": l_ctm, **terms}
@@ -248,6 +209,3 @@ class CTM(Method):
             if i < steps - 1 and self.gamma > 0:
                 x = x + math.sqrt(max(t_next**2 - s**2, 0.0)) * randn(x)
         return x
-
-    def nfe(self, steps: int) -> int:
-        return steps

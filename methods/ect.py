@@ -1,45 +1,27 @@
-"""ECT: Easy Consistency Tuning (Geng et al., "Consistency Models Made Easy", arXiv:2406.14548, ICLR 2025).
+"""ECT: Easy Consistency Tuning (Geng et al. 2024, "Consistency Models Made Easy", arXiv:2406.14548).
 
-Consistency training started from a pretrained diffusion model, in EDM sigma (METHODS.md section 4):
-
-    t ~ LogNormal(P_mean, P_std),   r = max(0, t (1 - q^-(stage+1) (1 + k sigmoid(-b t)))),
-    x_t = x0 + t eps,  x_r = x0 + r eps (the same eps),
-    loss = [sqrt(||f(x_t, t) - sg f(x_r, r)||_2^2 + c^2) - c] / (t - r),   sg f(x_r, 0) := x0,
-
-with theta- = sg(theta) (no EMA target) and the same dropout mask for both calls.  Early stages clamp most r to
-0, so tuning starts as diffusion training (target x0) and dt = t - r halves every stage (q = 2).
-
-Read against locuslab/ect `training/loss.py` (ECMLoss), `training/networks.py` (ECMPrecond) and
-`training/ct_training_loop.py`:
-- the exponent is q^-(stage+1), stage 0 first, as in the code (`decay = 1 / q ** (stage + 1)`);
-- the stage is `cur_tick // double_ticks`; run_ecm.sh (CIFAR-10) trains 25.6 Mimg in ticks of 12.8 kimg with
-  `--double 250`: 2000 ticks, 8 stages of 25k iterations.  Here stage = floor(progress * stages), a pure function
-  of progress, with `stages` = 8 by default;
-- the distance is the per-sample L2 norm over all D dimensions (a sum, not a mean); c is not scaled with D
-  (the ImageNet-64 c = 0.06 equals iCT's 0.00054 sqrt(D) at D = 64*64*3);
-- the weight is exactly 1/(t - r) on CIFAR-10 (main branch); the imgnet branch weights by
-  (t^2 + sigma_d^2) / (t sigma_d)^2 instead (`weighting: snrpk`);
-- ECMPrecond uses EDM's c_skip, c_out (no sigma_min shift) while training and CM's boundary version at
-  evaluation.  METHODS.md asks for the boundary condition always (the default here); `edm_precond_in_training`
-  reproduces the code's switch.  The code also replaces non-finite targets by 0 (`nan_to_num`); we do not (the
-  loop counts non-finite losses instead).
+Consistency training started from a pretrained diffusion model: t ~ LogNormal, r = r(t) shrinks towards t stage
+by stage, loss = [sqrt(||f(x_t, t) - sg f(x_r, r)||^2 + c^2) - c] / (t - r) with sg f(x_r, 0) := x0 and
+theta- = sg(theta).  Early stages clamp most r to 0, so tuning starts as diffusion training.  CM's
+parameterization and sampler.  Equations and departures from locuslab/ect: docs/methods.md.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from common.conventions import SIGMA_DATA, SIGMA_MIN, append_dims, cm_boundary_precond
-from common.jvp import SharedRandomness
-from common.precond import CMDenoiser
-from common.samplers import consistency_multistep, multistep_sigmas
-from common.schedules import lognormal_sigma
+from core.conventions import append_dims
+from core.errors import require
+from core.jvp import SharedRandomness
+from core.losses import pseudo_huber
+from core.precond import CMDenoiser
+from core.schedules import lognormal_sigma
 
-from .base import Method, Randn
+from .cm import ConsistencyModel, noised_pair
 from .registry import register
 
 
@@ -54,30 +36,11 @@ def ect_r(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float 
     return (t * (1 - decay * (1 + k * torch.sigmoid(-b * t)))).clamp(min=0)
 
 
-class ECMDenoiser(CMDenoiser):
-    """CMDenoiser with ECT's optional switch: EDM's c_skip, c_out (boundary at sigma = 0, i.e. sigma_min = 0) while
-    `self.training`, CM's boundary version (f(x, sigma_min) = x) in eval mode.  Off by default (METHODS.md)."""
-
-    def __init__(self, backbone: torch.nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN,
-                 noise_scale: float = 0.25, edm_in_training: bool = False):
-        super().__init__(backbone, sigma_data, sigma_min, noise_scale)
-        self.edm_in_training = edm_in_training
-
-    def forward(self, x: torch.Tensor, sigma, labels=None) -> torch.Tensor:
-        if not (self.training and self.edm_in_training):
-            return super().forward(x, sigma, labels)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
-        coeffs = cm_boundary_precond(sigma, self.sigma_data, 0.0, self.noise_scale)
-        c_skip, c_out, c_in, c_noise = (append_dims(c, x.ndim) for c in coeffs)
-        F = self.backbone((c_in * x).to(x.dtype), c_noise.flatten(), labels=labels)
-        return (c_skip * x + c_out * F.to(torch.float32)).to(x.dtype)
-
-
 @register
 @dataclass(frozen=True)
-class ECT(Method):
-    """Easy Consistency Tuning; defaults are the CIFAR-10 recipe (run_ecm.sh: q = 2, k = 8, b = 1, c = 0, 8 stages;
-    the paper's optimizer settings, RAdam 1e-4, batch 128, dropout 0.2, belong to the run config)."""
+class ECT(ConsistencyModel):
+    """Defaults are the CIFAR-10 recipe (run_ecm.sh: q = 2, k = 8, b = 1, c = 0, 8 stages); the optimizer
+    settings (RAdam 1e-4, batch 128, dropout 0.2) belong to the run config."""
 
     name = "ect"
     default_init = "teacher"
@@ -90,21 +53,19 @@ class ECT(Method):
     stages: int = 8  # CIFAR-10: 200k iterations, dt halves every 25k
     huber_c: float = 0.0  # 0.06 on ImageNet-64 (absolute, on the per-sample norm)
     weighting: Literal["inv_dt", "snrpk"] = "inv_dt"  # 1/(t - r) (CIFAR) | (t^2 + sigma_d^2)/(t sigma_d)^2 (ImageNet)
-    edm_precond_in_training: bool = False  # True: ECMPrecond's train/eval switch (see the module docstring)
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    noise_scale: float = 0.25  # c_noise = ln(sigma)/4, EDM's: a teacher-initialized student starts as the teacher
-    mid_sigmas: list[float] = field(default_factory=lambda: [0.821])  # ECT's 2-step mid_t on CIFAR-10
+    edm_precond_in_training: bool = False  # True: ECMPrecond's EDM coefficients while training
 
     def __post_init__(self):
-        if self.stages < 1:
-            raise ValueError(f"stages must be >= 1, got {self.stages}")
-        if self.q <= 1:
-            raise ValueError(f"q must be > 1 (dt shrinks by q per stage), got {self.q}")
+        super().__post_init__()
+        require(self.P_std > 0, "P_std", "must be > 0")
+        require(self.q > 1, "q", "must be > 1 (dt shrinks by a factor q per stage)")
+        require(self.k >= 0, "k", "must be >= 0")
+        require(self.b > 0, "b", "must be > 0")
+        require(self.stages >= 1, "stages", "must be >= 1")
+        require(self.huber_c >= 0, "huber_c", "must be >= 0")
 
     def build_model(self, backbone):
-        return ECMDenoiser(backbone, self.sigma_data, self.sigma_min, self.noise_scale, self.edm_precond_in_training)
+        return CMDenoiser(backbone, self.sigma_data, self.sigma_min, self.noise_scale, self.edm_precond_in_training)
 
     def stage(self, progress: float) -> int:
         return ect_stage(progress, self.stages)
@@ -117,18 +78,10 @@ class ECT(Method):
             return (t**2 + self.sigma_data**2) / (t * self.sigma_data) ** 2
         return 1.0 / (t - r)
 
-    def distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Per-sample sqrt(||a - b||_2^2 + c^2) - c over all dimensions (plain L2 norm when c = 0)."""
-        sq = ((a - b) ** 2).flatten(1).sum(1)
-        c = self.huber_c
-        return torch.sqrt(sq + c**2) - c if c > 0 else torch.sqrt(sq)
-
     def loss(self, model, x0, *, progress, labels=None, teacher=None, target=None):
         t = lognormal_sigma(x0.shape[0], self.P_mean, self.P_std, device=x0.device)
         r = self.r_of_t(t, progress)
-        eps = torch.randn_like(x0)
-        x_t = x0 + append_dims(t, x0.ndim) * eps
-        x_r = x0 + append_dims(r, x0.ndim) * eps
+        x_t, x_r = noised_pair(x0, t, r)
         rng = SharedRandomness(x0.device)  # the same dropout mask for both calls
         with rng.replay():
             pred = model(x_t, t, labels)
@@ -140,13 +93,7 @@ class ECT(Method):
             target_x = torch.where(append_dims(has_r, x0.ndim), f_r, x0)
         else:
             target_x = x0
-        dist = self.distance(pred, target_x.detach())
+        dist = pseudo_huber(pred, target_x.detach(), self.huber_c)
         w = self.weight(t, r)
         return {"loss": (w * dist).mean(), "distance": dist.mean().detach(),
                 "stage": torch.tensor(float(self.stage(progress))), "frac_r_zero": (~has_r).float().mean()}
-
-    def sample(self, model, z, steps, *, randn: Randn, labels=None):
-        """CM's multistep sampler (Song et al. 2023, Alg. 1): sigma_max, then `mid_sigmas` (ECT's generator_fn adds
-        noise t_next eps instead of sqrt(t_next^2 - sigma_min^2) eps: 0.821 vs 0.8209976, immaterial)."""
-        sigmas = multistep_sigmas(steps, list(self.mid_sigmas), self.sigma_max, self.sigma_min)
-        return consistency_multistep(lambda x, s: model(x, s, labels), z, sigmas, randn, self.sigma_min)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from common.errors import ConfigError
+from core.errors import ConfigError
 
 _REGISTRY: dict[str, type] = {}
 _LOADED = False

@@ -1,44 +1,15 @@
 """sCM: continuous-time consistency training and distillation (Lu & Song 2024, "Simplifying, Stabilizing and
-Scaling Continuous-time Consistency Models", arXiv:2410.11081, Algorithm 1; METHODS.md section 6).
+Scaling Continuous-time Consistency Models", arXiv:2410.11081, Algorithm 1).
 
-TrigFlow: x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2 I); the network F_theta(x_t / sigma_d, t) gives
-f_theta(x_t, t) = cos(t) x_t - sin(t) sigma_d F_theta, so f(x, 0) = x.  Per iteration (one network call with
-gradient plus one JVP without):
+TrigFlow: x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2 I), f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d,
+t).  Per iteration one network call with gradient and one JVP without:
 
-    tau ~ N(P_mean, P_std^2),  t = arctan(e^tau / sigma_d),  x_t = cos(t) x0 + sin(t) z
-    dx_t/dt = cos(t) z - sin(t) x0                                    (sCT: the conditional velocity)
-            = sigma_d F_teacher(x_t / sigma_d, t)                     (sCD: the teacher's PF-ODE)
-    J       = cos(t) sin(t) dF_sg/dt  = JVP of F(x_t, t) along (cos t sin t dx_t/dt, cos t sin t)
-    g       = -cos^2(t) (sigma_d F_sg - dx_t/dt) - r (cos(t) sin(t) x_t + sigma_d J),  r = min(1, progress / H)
-    g      <- g / (||g|| + c)
-    loss    = e^{-u(t)} w(t) mean_D((F_theta - F_sg - g)^2) + u(t),  w(t) = 1 / (sigma_d tan t)
+    g    = -cos^2(t) (sigma_d F_sg - dx_t/dt) - r (cos(t) sin(t) x_t + sigma_d J),  J = cos(t) sin(t) dF_sg/dt
+    loss = e^{-u(t)} w(t) mean_D((F_theta - F_sg - g / (||g|| + c))^2) + u(t),  w(t) = 1 / (sigma_d tan t)
 
-The tangent: common.precond.TrigFlowModel takes x_t itself and divides by sigma_d inside, so F is a function of
-(x_t, t) and its derivative along the trajectory is dF/dt = d_x F . dx_t/dt + d_t F; the JVP at (x_t, t) with
-tangent (cos t sin t dx_t/dt, cos t sin t) is exactly cos t sin t dF/dt, and g carries the sigma_d factor
-(FastGen's choice).  The paper's form -- primal (x_t / sigma_d, t), tangent (cos t sin t dx_t/dt, sigma_d cos t
-sin t) -- returns sigma_d cos t sin t dF/dt directly: the same g.  With time_input "edm" the chain rule through
-c_noise(t) = ln(sigma_d tan t) / 4 contributes d c_noise/dt = 1 / (4 sin t cos t), which the cos t sin t of the
-tangent cancels: the time tangent of the backbone is exactly 1/4 at every t.
-
-Why g: with f = cos t x_t - sin t sigma_d F, the total derivative along the trajectory is
-df/dt = -cos t (sigma_d F - dx_t/dt) - sin t (x_t + sigma_d dF/dt), so g = cos(t) df_sg/dt (at r = 1).
-tests/methods/test_scm.py checks the gradient against the dt -> 0 limit of the discrete consistency loss.
-
-Choices of ours (each a field, the paper's value as default unless said):
-- time_input "edm": we start from our EDM teacher, which TrigFlowModel turns into the TrigFlow teacher
-  exactly (F = -F_edm, backbone time ln(sigma_d tan t) / 4); the paper trains its own TrigFlow teacher with
-  c_noise(t) = t ("identity"), which needs a teacher trained that way.
-- tangent_warmup is a fraction of training (curricula are pure functions of progress): 0.025 = the paper's
-  H = 10k iterations over its 400k-iteration ImageNet-64 schedule (the only pixel-space run whose length the
-  paper states; FastGen's CIFAR-10 sCT is 350k iterations, where 10k is 0.029).
-- tangent_norm "rms" (FastGen, FACM, sCM-mnist: ||g|| / sqrt(D)); "l2" is Sana-Sprint's raw norm.
-- The sampler starts from x = sigma_d z at t_max = arctan(80 / sigma_d) as the paper does; the exact TrigFlow
-  image of the EDM start point 80 z is cos(t_max) 80 z = sin(t_max) sigma_d z, a relative difference of
-  1 - sin(t_max) = 2.0e-5 (far below any error we measure).
-- f(x, 0) = x exactly with either time input (TrigFlowModel.consistency returns x_t where t = 0, so the "edm"
-  time input's ln 0 never reaches the output; training draws sigma = e^tau > 0 anyway).
-- needs_logvar_head stays True even with adaptive_weighting off (the head is then unused and gets no gradient).
+sCT and sCD differ only in the tangent dx_t/dt: the conditional velocity, or the teacher's PF-ODE.  The tangent
+bookkeeping, our choices (EDM time input, warm-up as a fraction of training, "rms" normalization) and departures:
+docs/methods.md.
 """
 
 from __future__ import annotations
@@ -49,12 +20,12 @@ from typing import ClassVar, Literal
 
 import torch
 
-from common.config import require
-from common.conventions import append_dims
-from common.jvp import SharedRandomness
-from common.jvp import jvp as directional_derivative
-from common.precond import TRIGFLOW_T_MAX, TrigFlowModel
-from common.samplers import multistep_sigmas
+from core.conventions import SIGMA_DATA, TRIGFLOW_T_MAX, append_dims
+from core.errors import require
+from core.jvp import SharedRandomness
+from core.jvp import jvp as directional_derivative
+from core.precond import TrigFlowModel
+from core.samplers import intermediate_levels, multistep_sigmas
 
 from .base import Method, Randn
 from .registry import register
@@ -65,11 +36,11 @@ class _SCM(Method):
     """Shared by sCT and sCD; subclasses only say where the tangent dx_t/dt comes from."""
 
     needs_logvar_head: ClassVar[bool] = True  # u(t), sCM's adaptive weighting (unused if adaptive_weighting off)
-    default_init: ClassVar[str] = "teacher"  # METHODS.md: sCM trains both from the teacher
+    default_init: ClassVar[str] = "teacher"  # the paper trains both from its teacher
 
     P_mean: float = -1.0  # CIFAR-10 (paper App. G)
     P_std: float = 1.4  # the paper (App. E.3) and FastGen use 1.8 when sCT starts from an EDM/ECT network
-    sigma_data: float = 0.5
+    sigma_data: float = SIGMA_DATA
     time_input: Literal["edm", "identity"] = "edm"
     tangent_warmup: float = 0.025  # fraction of training; paper H = 10k iterations (of 400k on ImageNet-64)
     tangent_norm: Literal["rms", "l2", "none"] = "rms"
@@ -81,6 +52,9 @@ class _SCM(Method):
     mid_times: list[float] = field(default_factory=lambda: [1.1])  # TrigFlow times after t_max (paper: 1.1)
 
     def __post_init__(self):
+        require(self.P_std > 0, "P_std", "must be > 0")
+        require(self.sigma_data > 0, "sigma_data", "must be > 0")
+        require(self.jvp_eps > 0, "jvp_eps", "must be > 0")
         require(self.tangent_warmup >= 0, "tangent_warmup", "must be >= 0 (a fraction of training)")
         require(self.tangent_norm_c > 0, "tangent_norm_c", "must be > 0")
         require(all(0.0 < t < TRIGFLOW_T_MAX for t in self.mid_times), "mid_times",
@@ -134,7 +108,7 @@ class _SCM(Method):
         """(F_theta with grad, u(t) or None, J = cos(t) sin(t) dF/dt without grad), all with one dropout mask.
 
         J is the JVP of F(x_t, t) at (x_t, t) along (cos t sin t dx_t/dt, cos t sin t): d/dt F(x_t, t) along the
-        trajectory with dx_t/dt, times cos t sin t (see the module docstring for the sigma_d bookkeeping).
+        trajectory with dx_t/dt, times cos t sin t; g then carries the sigma_d factor (FastGen's choice).
         """
         rng = SharedRandomness(x_t.device)  # the same dropout mask in the F_theta call and in the JVP
         with rng.replay():
@@ -181,15 +155,11 @@ class _SCM(Method):
         """[t_max, then steps - 1 intermediate TrigFlow times], descending.
 
         `mid_times[:steps - 1]` when the list is long enough (the paper's 1.1 for 2 steps); otherwise the interior
-        levels of common.samplers.multistep_sigmas (a Karras grid of steps + 1 levels, the same fallback as the
+        levels of core.samplers.multistep_sigmas (a Karras grid of steps + 1 levels, the same fallback as the
         discrete-time methods) mapped to TrigFlow by t = arctan(sigma / sigma_d).
         """
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        if steps - 1 <= len(self.mid_times):
-            mids = list(self.mid_times[: steps - 1])
-        else:
-            mids = [math.atan(s / self.sigma_data) for s in multistep_sigmas(steps, [])[1:]]
+        mids = intermediate_levels(steps, self.mid_times, lambda n: [math.atan(sigma / self.sigma_data)
+                                                                     for sigma in multistep_sigmas(n, [])[1:]])
         times = [TRIGFLOW_T_MAX, *mids]
         if any(b >= a for a, b in zip(times[:-1], times[1:], strict=True)):
             raise ValueError(f"sampling times must descend from t_max = {TRIGFLOW_T_MAX:.4f}: {times}")

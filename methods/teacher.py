@@ -1,9 +1,6 @@
-"""The diffusion teacher: EDM preconditioning, loss and Heun sampler (Karras et al. 2022).
-
-It is the quality reference of every table and the teacher of the distillation methods, which see it through
-`as_teacher` in every time convention (common.conventions.ConvertedTeacher).  On gmm data the exact analytic
-denoiser (common.gmm) plugs into the same interface.
-"""
+"""The diffusion teacher: EDM preconditioning, loss and Heun sampler (Karras et al. 2022).  The quality reference
+of every table and, through `as_teacher` (core.conventions.ConvertedTeacher), what the distillation methods
+distill; on gmm data the exact mixture (core.gmm) plugs into the same interface."""
 
 from __future__ import annotations
 
@@ -11,10 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common.conventions import ConvertedTeacher, append_dims
-from common.ode import heun_sample
-from common.precond import EDMDenoiser
-from common.schedules import karras_sigmas, lognormal_sigma
+from core.conventions import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, ConvertedTeacher, append_dims, require_noise_range
+from core.errors import require
+from core.ode import heun_sample
+from core.precond import EDMDenoiser
+from core.schedules import karras_sigmas, lognormal_sigma
 
 from .base import Method, Randn
 from .registry import register
@@ -32,10 +30,15 @@ class EDMTeacher(Method):
     name = "teacher"
     P_mean: float = -1.2
     P_std: float = 1.2
-    sigma_data: float = 0.5
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
-    rho: float = 7.0
+    sigma_data: float = SIGMA_DATA
+    sigma_min: float = SIGMA_MIN
+    sigma_max: float = SIGMA_MAX
+    rho: float = RHO
+
+    def __post_init__(self):
+        require_noise_range(self.sigma_min, self.sigma_max, self.sigma_data)
+        require(self.P_std > 0, "P_std", "must be > 0")
+        require(self.rho > 0, "rho", "must be > 0")
 
     def build_model(self, backbone):
         return EDMDenoiser(backbone, self.sigma_data)

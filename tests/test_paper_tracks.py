@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from common.config import load_config, resolve_run
-from common.jvp import jvp
 from common.models import build_backbone, build_method
 from common.train import _make_optimizer
+from core.jvp import jvp
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR = load_config(ROOT / "config/cifar10.yaml")

@@ -9,8 +9,19 @@ import yaml
 
 from common.config import config_from_data, resolve_run, to_dict
 from common.data import MNIST_WHEEL
-from common.errors import CmbenchError
+from core.errors import CmbenchError
 from common.report import SUMMARY_NAMES
+from common.records import (
+    FD_CNN_FILE,
+    FINAL_FILE,
+    GRID_FILE,
+    INCEPTION_REF_FILE,
+    METRICS_FILE,
+    PREPARED_FILE,
+    RUN_DIR,
+    SAMPLES_FILE,
+    RunDir,
+)
 from snakemake.exceptions import WorkflowError
 
 try:
@@ -54,7 +65,7 @@ def config_hash(dataset, method, seed):
 
 
 def run_dir(dataset, method, seed):
-    return f"results/runs/{dataset}/{method}/seed{seed}"
+    return RUN_DIR.format(dataset=dataset, method=method, seed=seed)
 
 
 def is_image(dataset):
@@ -77,10 +88,7 @@ def teacher_run(dataset):
     return run_dir(dataset, "teacher", CFG.workflow.teacher_seed)
 
 
-SAMPLES_FILE = "results/samples/{dataset}/{method}/seed{seed}/steps{steps}.npz"
-METRICS_FILE = "results/metrics/{dataset}/{method}/seed{seed}/steps{steps}.json"
-GRID_FILE = "results/grids/{dataset}/{method}/seed{seed}/steps{steps}.png"
-
+TEACHER_FINAL_FILE = FINAL_FILE.replace("{method}", "teacher")  # the teacher rule's output
 
 RUNS = [(d, m, s) for d in CFG.datasets for m in CFG.methods for s in CFG.seeds]
 SAMPLED = [(d, m, s, k) for d, m, s in RUNS for k in run_config(d, m, s).eval.steps]
@@ -100,9 +108,9 @@ def _prepare_inputs(w):
 
 
 def _train_inputs(w):
-    inputs = {"data": f"data/prepared/{w.dataset}.pt"}
+    inputs = {"data": PREPARED_FILE.format(dataset=w.dataset)}
     if needs_teacher_run(w.dataset, w.method, w.seed):
-        inputs["teacher"] = f"{teacher_run(w.dataset)}/final.pt"
+        inputs["teacher"] = str(RunDir(teacher_run(w.dataset)).final)
     return inputs
 
 
@@ -126,11 +134,11 @@ def train_gpus(dataset, method, seed):
 def _evaluate_inputs(w):
     inputs = {"samples": SAMPLES_FILE.format(**w)}
     if is_image(w.dataset):
-        inputs["data"] = f"data/prepared/{w.dataset}.pt"
-        inputs["features"] = f"data/features/{w.dataset}/fdcnn.pt"
+        inputs["data"] = PREPARED_FILE.format(dataset=w.dataset)
+        inputs["features"] = FD_CNN_FILE.format(dataset=w.dataset)
         inception = CFG.datasets[w.dataset].inception
         if inception.enabled and (inception.steps is None or int(w.steps) in inception.steps):
-            inputs["inception"] = f"data/features/{w.dataset}/inception_ref.npz"
+            inputs["inception"] = INCEPTION_REF_FILE.format(dataset=w.dataset)
     return inputs
 
 

@@ -22,7 +22,7 @@ rule prepare:
     input:
         _prepare_inputs,
     output:
-        "data/prepared/{dataset}.pt",
+        PREPARED_FILE,
     params:
         cmbench=CMBENCH,
         config_file=CONFIG_FILE,
@@ -37,9 +37,9 @@ rule prepare:
 
 rule feature_net:
     input:
-        "data/prepared/{dataset}.pt",
+        PREPARED_FILE,
     output:
-        "data/features/{dataset}/fdcnn.pt",
+        FD_CNN_FILE,
     params:
         cmbench=CMBENCH,
         config_file=CONFIG_FILE,
@@ -58,9 +58,9 @@ rule feature_net:
 # libraries and the real-vs-real FID of N other real images, computed once and hashed into every metrics row.
 rule inception_reference:
     input:
-        "data/prepared/{dataset}.pt",
+        PREPARED_FILE,
     output:
-        "data/features/{dataset}/inception_ref.npz",
+        INCEPTION_REF_FILE,
     params:
         cmbench=CMBENCH,
         config_file=CONFIG_FILE,

@@ -3,9 +3,9 @@
 
 rule sample:
     input:
-        "results/runs/{dataset}/{method}/seed{seed}/final.pt",
+        FINAL_FILE,
     output:
-        "results/samples/{dataset}/{method}/seed{seed}/steps{steps}.npz",
+        SAMPLES_FILE,
     params:
         cmbench=CMBENCH,
         run=lambda w: run_dir(w.dataset, w.method, w.seed),

@@ -3,9 +3,9 @@
 
 rule train_teacher:
     input:
-        data="data/prepared/{dataset}.pt",
+        data=PREPARED_FILE,
     output:
-        "results/runs/{dataset}/teacher/seed{seed}/final.pt",
+        TEACHER_FINAL_FILE,
     params:
         cmbench=lambda w: train_launcher(w.dataset, "teacher", w.seed),
         config_file=CONFIG_FILE,

@@ -9,7 +9,7 @@ TRACKING_URI = CFG.workflow.mlflow.tracking_uri or default_tracking_uri()
 rule track:
     localrule: True
     input:
-        runs=[f"{run_dir(d, m, s)}/final.pt" for d, m, s in RUNS],
+        runs=[FINAL_FILE.format(dataset=d, method=m, seed=s) for d, m, s in RUNS],
         metrics=METRICS,
         grids=GRIDS,
         summary=SUMMARY_FILES,

@@ -8,7 +8,7 @@ rule train_method:
     input:
         unpack(_train_inputs),
     output:
-        "results/runs/{dataset}/{method}/seed{seed}/final.pt",
+        FINAL_FILE,
     params:
         cmbench=lambda w: train_launcher(w.dataset, w.method, w.seed),
         config_file=CONFIG_FILE,

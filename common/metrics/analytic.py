@@ -1,11 +1,11 @@
-"""Exact metrics on Gaussian-mixture data (METHODS.md section 10): the true density is known, so sample
+"""Exact metrics on Gaussian-mixture data (docs/evaluation.md): the true density is known, so sample
 quality is measured against it rather than against a learned feature space."""
 
 from __future__ import annotations
 
 import torch
 
-from ..gmm import GaussianMixture
+from core.gmm import GaussianMixture
 
 
 def _points(x) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """FD-CNN(dataset): a Frechet distance on the features of a small classifier the harness trains itself.
 
-Inception weights cannot be fetched offline (ASSETS.md), so the offline image metric is a Frechet distance in
+Inception weights cannot be fetched offline, so the offline image metric is a Frechet distance in
 the 128-d penultimate features of a conv32-conv64-fc128 classifier trained on the dataset's training split
 with a fixed seed and recipe.  It is computed by torch-fidelity through its feature-extractor API (so FD and
 KID come from the library's own code), and is always named FD-CNN(dataset), never FID.
@@ -25,7 +25,7 @@ EXTRACTOR_NAME = "cmbench-fd-cnn"
 
 
 class FeatureCNN(torch.nn.Module):
-    """conv32-conv64-fc128 classifier (ASSETS.md); `features` is the 128-d penultimate layer."""
+    """conv32-conv64-fc128 classifier; `features` is the 128-d penultimate layer."""
 
     def __init__(self, in_channels: int, resolution: int, num_classes: int):
         super().__init__()
@@ -94,7 +94,7 @@ def save_classifier(ds: Dataset, spec: FDCNNSpec, path: str | Path, device: torc
 
 def check_classifier(path: str | Path, ds: Dataset, spec: FDCNNSpec) -> None:
     """A feature network trained on other data or with another recipe would make FD-CNN incomparable."""
-    from ..errors import DataError
+    from core.errors import DataError
 
     state = checkpoint.load(path)
     if state.get("key") != _key(ds, spec):

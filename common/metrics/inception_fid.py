@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.errors import DataError
+
 from ..config import InceptionSpec
 from ..data import Dataset, data_hash, sha256_file, to_uint8_images
-from ..errors import DataError
 from ..fsutil import atomic_write
 from . import inception, libraries
 

@@ -20,7 +20,7 @@ from tests.test_workflow import _copy_repo, _env
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SMOKE = ["all", "--configfile", "config/smoke.yaml"]
-# The plugin can poll forever (SLURM.md): a run that prints nothing for STALL_S, or exceeds TIMEOUT_S, is killed.
+# The plugin can poll forever: a run that prints nothing for STALL_S, or exceeds TIMEOUT_S, is killed.
 TIMEOUT_S, STALL_S = 1200, 240
 # The test node: more CPU slots than cores (small jobs, mostly Python start-up) and two fake GPUs.
 NODE = {"CPUS": "4", "FAKE_GPUS": "2", "ACCOUNTING": "slurmdbd"}

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from common import distributed
-from common.backbone import MLP
+from core.backbone import MLP
 from methods.scm import SCT
 
 BATCH = 8
@@ -68,7 +68,7 @@ def main(out: Path, config: Path) -> None:
                    out / "step.pt")
     run = resolve_run(load_config(config), "gmm", "sct", 0)
     train(run, out / "run", progress_bar=False)
-    distributed.teardown(group)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common import checkpoint
-from common.errors import CheckpointError
+from core.errors import CheckpointError
 
 
 def state(v):

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from common.config import Config, RunConfig, config_from_data, from_dict, load_config, resolve_run, to_dict
-from common.errors import ConfigError
+from core.errors import ConfigError
 
 MINIMAL = """
 datasets:

@@ -28,7 +28,7 @@ from common.data import (
     save_prepared,
     to_uint8_images,
 )
-from common.errors import DataError
+from core.errors import DataError
 
 # ---------------------------------------------------------------------------------------------------
 # Conversions and digits
@@ -414,7 +414,7 @@ def test_batch_indices_independent_of_history_and_crosses_epochs():
 
 
 def test_gmm_kind_shape_and_determinism():
-    pytest.importorskip("common.gmm")
+    pytest.importorskip("core.gmm")
     gmm = GMMSpec(means=[[0.0, 0.0, 0.0], [5.0, 5.0, 5.0]], stds=[0.1, 0.2], weights=[0.3, 0.7])
     spec = DataSpec(kind="gmm", gmm=gmm, n_train=500, seed=1)
     a, b = load_dataset(spec), load_dataset(spec)

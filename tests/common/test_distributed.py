@@ -15,7 +15,7 @@ import torch
 
 from common import distributed
 from common.config import load_config, resolve_run
-from common.errors import ConfigError
+from core.errors import ConfigError
 from tests.common.ddp_worker import BATCH, make_model, sct_step
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -7,9 +7,9 @@ import yaml
 
 from common import checkpoint
 from common.config import Config, from_dict, resolve_run
-from common.errors import ConfigError
 from common.models import build_backbone, build_method
 from common.train import train
+from core.errors import ConfigError
 from methods.teacher import EDMTeacher
 
 UNET = {"kind": "unet", "model_channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [4]}

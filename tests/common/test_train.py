@@ -7,8 +7,8 @@ import torch
 
 from common import checkpoint
 from common.config import load_config, resolve_run, with_overrides
-from common.errors import ConfigError, TrainingError
 from common.train import train
+from core.errors import ConfigError, TrainingError
 
 CONFIG = """
 datasets:
@@ -93,8 +93,8 @@ def test_nonfinite_losses_stop_the_run(run, tmp_path, monkeypatch):
 
 def test_training_learns_the_exact_denoiser(run, tmp_path):
     """After 300 steps the model's denoiser is much closer to the mixture's exact one than at initialization."""
-    from common.gmm import GaussianMixture
     from common.models import build_backbone, build_method
+    from core.gmm import GaussianMixture
 
     out = tmp_path / "run"
     long = type(run)(**{**run.__dict__, "train": with_overrides(run.train, {"iterations": 300, "log_every": 50,

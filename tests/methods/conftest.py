@@ -14,10 +14,10 @@ import torch
 import yaml
 
 from common.config import Config, from_dict, resolve_run, with_overrides
-from common.gmm import GaussianMixture
 from common.models import load_trained
 from common.sample import StackedRandomGenerator, image_seeds
 from common.train import train
+from core.gmm import GaussianMixture
 
 GMM = {"means": [[0.6, 0.0], [0.0, 0.6], [-0.6, 0.0], [0.0, -0.6]], "stds": [0.1, 0.1, 0.1, 0.1],
        "weights": [0.4, 0.2, 0.3, 0.1]}

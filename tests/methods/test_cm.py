@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from common.backbone import MLP
-from common.conventions import ConvertedTeacher
-from common.gmm import GaussianMixture
 from common.models import build_backbone
-from common.precond import EDMDenoiser
-from methods.cm import CD, CT, cm_distance, sample_pairs
+from core.backbone import MLP
+from core.conventions import ConvertedTeacher
+from core.gmm import GaussianMixture
+from core.precond import EDMDenoiser
+from methods.cm import CD, CT, sample_pairs
 from methods.registry import get_method_class
 from tests.methods.conftest import make_run, sample_error, train_method
 
@@ -20,7 +20,7 @@ SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
 
 
 def karras(n):
-    """The Karras grid written out from METHODS.md section 0 (float64, descending)."""
+    """The Karras grid written out from EDM eq. 5 (float64, descending)."""
     i = np.arange(n)
     return (SIGMA_MAX ** (1 / RHO) + i / (n - 1) * (SIGMA_MIN ** (1 / RHO) - SIGMA_MAX ** (1 / RHO))) ** RHO
 
@@ -216,15 +216,6 @@ def test_gradients_reach_only_the_online_network(gmm, name):
     expected.backward()
     for g, p in zip(grads, model.parameters(), strict=True):
         assert torch.allclose(g, p.grad, rtol=1e-5, atol=1e-8)
-
-
-def test_distances():
-    a, b = torch.randn(5, 3, 4, 4), torch.randn(5, 3, 4, 4)
-    diff = (a - b).flatten(1)
-    assert torch.allclose(cm_distance(a, b, "l2"), diff.square().mean(1))
-    c = 0.00054 * math.sqrt(48)
-    assert torch.allclose(cm_distance(a, b, "pseudo_huber"), (diff.square().sum(1) + c**2).sqrt() - c)
-    assert torch.equal(cm_distance(a, a, "pseudo_huber"), torch.zeros(5))
 
 
 @pytest.mark.parametrize("steps,mids", [(1, [0.821]), (2, [0.821]), (3, [0.821, 0.1])])

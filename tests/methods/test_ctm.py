@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from common.conventions import ConvertedTeacher
-from common.precond import EDMDenoiser
 from common.sample import StackedRandomGenerator, image_seeds
-from common.samplers import consistency_multistep
-from common.schedules import karras_sigmas
+from core.conventions import ConvertedTeacher
+from core.precond import EDMDenoiser
+from core.samplers import consistency_multistep
+from core.schedules import karras_sigmas
 from methods.ctm import CTM, CTMJump, output_layer_weight
 from methods.registry import get_method_class
 
@@ -35,7 +35,7 @@ class TwoTimeNet(torch.nn.Module):
 
 
 def gmm_teacher():
-    from common.gmm import GaussianMixture
+    from core.gmm import GaussianMixture
 
     return GaussianMixture([[0.6, 0.0], [0.0, 0.6]], [0.1, 0.1], [0.5, 0.5]).teacher()
 
@@ -47,7 +47,7 @@ def test_registered_with_paper_defaults():
     assert m.needs_teacher and m.default_init == "teacher" and m.needs_second_time_input
     assert m.target_decay(0.0) == m.target_decay(1.0) == 0.999
     assert m.nfe(1) == 1 and m.nfe(4) == 4
-    with pytest.raises(NotImplementedError, match="GAN"):
+    with pytest.raises(ValueError, match="GAN"):
         CTM(gan=True)
     with pytest.raises(ValueError):
         CTM(N=18, K_max=18)
@@ -77,7 +77,7 @@ def test_jump_formula_and_second_time_input():
 
 def test_teacher_initialized_student_starts_as_the_teacher():
     """The backbone's s-branch is zero-initialized: with the teacher's weights, g(x, t, s) = D_teacher(x, t)."""
-    from common.backbone import MLP
+    from core.backbone import MLP
 
     teacher_net = MLP(2, hidden=32, depth=2)
     student = CTM().build_model(MLP(2, hidden=32, depth=2, second_time_input=True))
@@ -191,7 +191,7 @@ def test_ctm_loss_and_gradients_reach_only_the_online_network(target_inner):
 def test_dsm_term_formula_and_adaptive_balance():
     """L_DSM = lam(sigma) mean((g(x_sigma, sigma, sigma) - x0)^2), lam = (sigma^2 + sigma_d^2)/(sigma sigma_d)^2; the
     adaptive weight makes ||grad_W (w L_DSM)|| = ||grad_W L_CTM|| at the output layer W (below the clamp)."""
-    from common.backbone import MLP
+    from core.backbone import MLP
 
     m = CTM()
     model = m.build_model(MLP(2, hidden=32, depth=2, second_time_input=True))

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.backbone import MLP
-from common.conventions import edm_precond
-from methods.ect import ECT, ECMDenoiser, ect_r, ect_stage
+from core.backbone import MLP
+from core.conventions import edm_precond
+from methods.ect import ECT, ect_r, ect_stage
 from methods.registry import get_method_class
 
 from .conftest import make_run, sample_error, train_method
@@ -72,7 +72,7 @@ def test_boundary_condition_exact_and_edm_switch():
     sigma = torch.tensor([0.002, 0.1, 1.0, 10.0, 80.0, 0.5])
     c_skip, c_out, _, _ = edm_precond(sigma[:, None])
     assert torch.allclose(model(x, sigma), c_skip * x + c_out * 0.7, atol=1e-6)  # ECMPrecond's training branch
-    assert isinstance(ECT().build_model(ConstantNet()), ECMDenoiser)
+    assert not ECT().build_model(ConstantNet()).edm_in_training  # off by default: the boundary condition always
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3, 7, 12])

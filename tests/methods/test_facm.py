@@ -10,12 +10,12 @@ import pytest
 import torch
 from scipy.stats import kstest, norm
 
-from common.backbone import MLP, UNet
-from common.conventions import ConvertedTeacher
-from common.jvp import jvp
 from common.models import load_trained
-from common.precond import EDMDenoiser
 from common.sample import StackedRandomGenerator, image_seeds
+from core.backbone import MLP, UNet
+from core.conventions import ConvertedTeacher
+from core.jvp import jvp
+from core.precond import EDMDenoiser
 from methods.facm import FACM, FACMVelocity
 from methods.registry import get_method_class
 from tests.methods.conftest import make_run, sample_error, train_method
@@ -61,7 +61,7 @@ class ConstantNet(torch.nn.Module):
 
 
 def _edm_denoiser64(backbone):
-    """EDM's D(x, sigma) written out in float64 (common.precond.EDMDenoiser keeps its coefficients in float32,
+    """EDM's D(x, sigma) written out in float64 (core.precond.EDMDenoiser keeps its coefficients in float32,
     whose rounding (D - x_t) / (1 - t) magnifies near the data end), with the s-input at its no-op."""
 
     def D(x, sigma):
@@ -186,8 +186,8 @@ def test_time_distribution_matches_its_formula():
 
 
 def _reference_loss(model, x0, seed, teacher):
-    """FACM's loss written out from METHODS.md 7 with every stop-gradient explicit and dF/dt by a central finite
-    difference in float64 (independent of common.jvp).  Same random draws as FACM.loss: t, then eps."""
+    """FACM's loss written out from the paper with every stop-gradient explicit and dF/dt by a central finite
+    difference in float64 (independent of core.jvp).  Same random draws as FACM.loss: t, then eps."""
     torch.manual_seed(seed)
     sigma = (torch.randn(x0.shape[0]) * 1.6 - 0.8).exp()
     t = (1 - torch.atan(sigma) * (2 / math.pi)).double()
@@ -240,7 +240,7 @@ def test_loss_needs_a_teacher_when_distilling():
 
 @pytest.mark.parametrize("case", ["mlp", "unet"])
 def test_jvp_matches_finite_difference(case):
-    """(F, dF/dt) of the r = 1 branch along (v, 1) through common.jvp equals a central difference (error O(h^2))."""
+    """(F, dF/dt) of the r = 1 branch along (v, 1) through core.jvp equals a central difference (error O(h^2))."""
     torch.manual_seed(0)
     if case == "mlp":
         net, x = MLP(2, hidden=16, second_time_input=True), torch.randn(4, 2, dtype=F64)

@@ -16,7 +16,7 @@ from .conftest import make_run, sample_error, train_method
 
 
 def karras(n, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM eq. 5 in plain floats, descending (independent of common.schedules)."""
+    """EDM eq. 5 in plain floats, descending (independent of core.schedules)."""
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return [(hi + i / (n - 1) * (lo - hi)) ** rho for i in range(n)]
 

@@ -7,11 +7,10 @@ import pytest
 import torch
 from scipy import stats
 
-from common.backbone import MLP
-from common.conventions import ConvertedTeacher
-from common.gmm import GaussianMixture
-from common.precond import TRIGFLOW_T_MAX
-from common.samplers import multistep_sigmas
+from core.backbone import MLP
+from core.conventions import TRIGFLOW_T_MAX, ConvertedTeacher
+from core.gmm import GaussianMixture
+from core.samplers import multistep_sigmas
 from methods.registry import get_method_class
 from methods.scm import SCD, SCT
 from tests.methods.conftest import make_run, sample_error, train_method
@@ -39,7 +38,7 @@ class AnalyticNet(torch.nn.Module):
 
 
 def net_time(t):
-    """TrigFlowModel hands the backbone its time in float32 (common.precond): the net sees t rounded so."""
+    """TrigFlowModel hands the backbone its time in float32 (core.precond): the net sees t rounded so."""
     return t.float().double()
 
 
@@ -112,7 +111,7 @@ def test_boundary_condition_and_consistency_formula():
 
 def test_edm_time_input_is_the_teacher_in_trigflow():
     """With time_input "edm" the one-step jump f(x_t, t) is the EDM teacher's denoiser at sigma = sigma_d tan t."""
-    from common.precond import EDMDenoiser
+    from core.precond import EDMDenoiser
 
     backbone = tiny_mlp(SCT()).backbone
     f_model = SCT().build_model(backbone)
@@ -178,7 +177,7 @@ def test_jvp_is_cos_sin_times_the_total_time_derivative(time_input, tol):
     with torch.no_grad():
         fd = (model(x_t + h * dxdt, t + h) - model(x_t - h * dxdt, t - h)) / (2 * h)
     assert ((J - cs * fd).norm() / J.norm()).item() < tol
-    # the finite-difference fallback of common.jvp agrees
+    # the finite-difference fallback of core.jvp agrees
     _, _, J_fd = SCT(time_input=time_input, jvp="finite_difference", jvp_eps=2.0**-12).model_and_jvp(
         model, x_t, t, dxdt)
     assert ((J - J_fd).norm() / J.norm()).item() < 3e-4  # t + eps cs is not dyadic: float32 time rounding
@@ -389,7 +388,7 @@ def test_sampler_formulas():
 def test_sample_times_fallback_and_start_point():
     m = SCT()
     assert m.sample_times(1) == [TRIGFLOW_T_MAX] and m.sample_times(2) == [TRIGFLOW_T_MAX, 1.1]
-    # more steps than mid_times: the Karras levels of common.samplers.multistep_sigmas, as TrigFlow times
+    # more steps than mid_times: the Karras levels of core.samplers.multistep_sigmas, as TrigFlow times
     sig = multistep_sigmas(4, [])
     assert m.sample_times(4) == pytest.approx([math.atan(s / SD) for s in sig])
     assert all(a > b for a, b in zip(m.sample_times(6)[:-1], m.sample_times(6)[1:], strict=True))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from common.conventions import velocity_trigflow
-from common.gmm import GaussianMixture
 from common.sample import StackedRandomGenerator, image_seeds
+from core.conventions import velocity_trigflow
+from core.gmm import GaussianMixture
 from methods.registry import get_method_class
 from methods.teacher import EDMDenoiser, EDMTeacher
 

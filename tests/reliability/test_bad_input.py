@@ -1,4 +1,4 @@
-"""Every bad input of the README table "Bad input and its error": one line on stderr, a nonzero exit status, no
+"""Every bad input of docs/cluster.md ("Bad input"): one line on stderr, a nonzero exit status, no
 traceback, and (except where the input is only known after reading data) before any training step."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def _image_dataset(d):  # an image dataset whose data are never read: the checks
 
 POINTS = np.random.default_rng(0).normal(size=(64, 2))
 
-# (case, argv builder, words the one line must hold); the README table lists the same cases and messages.
+# (case, argv builder, words the one line must hold).
 CASES = [
     ("unknown method", lambda p: _train(p, method="nope"), ["unknown method 'nope'", "available"]),
     ("unknown dataset", lambda p: _train(p, dataset="cifar"), ["unknown dataset 'cifar' (defined: pts)"]),
@@ -93,10 +93,11 @@ CASES = [
      ["datasets.pts.network.dropout: must be in [0, 1)"]),
     ("distillation without a teacher", lambda p: _train(p, _image_dataset, method="cd"),
      ["method 'cd' distills a teacher: pass --teacher RUN_DIR"]),
-    ("second time input missing", lambda p: _train(p, method="ctm"),
-     ["method 'ctm' needs a second time input: set network.second_time_input: true"]),
-    ("log-variance head missing", lambda p: _train(p, method="sct"),
-     ["method 'sct' needs a log-variance head: set network.logvar_head: true"]),
+    ("backbone feature contradicting the method", lambda p: _train(p, _set("datasets.pts.network.second_time_input",
+                                                                            False), method="ctm"),
+     ["network.second_time_input: false contradicts method 'ctm', which needs it; remove the key"]),
+    ("backbone feature the method does not use", lambda p: _train(p, _set("datasets.pts.network.logvar_head", True)),
+     ["network.logvar_head: true contradicts method 'teacher', which does not use it"]),
     ("training steps < 1", lambda p: _train(p, _set("datasets.pts.train.iterations", 0)),
      ["datasets.pts.train.iterations: must be >= 1"]),
     ("sampling steps < 1 (config)", lambda p: _train(p, _set("datasets.pts.eval.steps", [2, 0])),
@@ -133,6 +134,31 @@ CASES = [
 ]
 
 
+# One bad parameter per method (every registered method has a row), the shared CM base's included.
+METHOD_PARAMS = [
+    ("teacher", "P_std", -1.0, "must be > 0"),
+    ("cd", "N", 1, "must be >= 2"),
+    ("cd", "mid_sigmas", [0.5, 0.9], "must descend inside (0.002, 80.0)"),
+    ("ct", "mu0", 1.5, "must lie in (0, 1)"),
+    ("ict", "s1", 5, "must be >= s0"),
+    ("ect", "q", 0.5, "must be > 1"),
+    ("ctm", "gamma", 2.0, "must lie in [0, 1]"),
+    ("ctm", "K_max", 18, "must lie in [1, N - 1] = [1, 17]"),
+    ("ctm", "gan", True, "the GAN term (StyleGAN-XL discriminator) is not implemented"),
+    ("sct", "tangent_norm_c", 0.0, "must be > 0"),
+    ("scd", "P_std", 0.0, "must be > 0"),
+    ("facm", "p", -1.0, "must be > 0"),
+]
+CASES += [(f"{m}.{key}", lambda p, m=m, key=key, v=v: _train(p, _set(f"methods.{m}.params.{key}", v), method=m),
+           [f"methods.{m}.params.{key}: {words}"]) for m, key, v, words in METHOD_PARAMS]
+
+
+def test_every_method_has_a_bad_parameter_case():
+    from methods.registry import available
+
+    assert set(available()) <= {m for m, *_ in METHOD_PARAMS}
+
+
 @pytest.mark.parametrize("case, argv, words", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_nonzero(case, argv, words, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -157,7 +183,7 @@ def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
 def test_fid_weights_missing_or_wrong_hash(tmp_path, monkeypatch):
     """The FID-weights rows of the table (common/metrics/inception.py, checked before either FID library runs)."""
     inception = pytest.importorskip("common.metrics.inception")
-    from common.errors import CmbenchError
+    from core.errors import CmbenchError
 
     monkeypatch.delenv(inception.ENV_VAR, raising=False)
     cases = [(None, "no weights are given"), (str(tmp_path / "nope.pth"), "Inception weights file not found"),

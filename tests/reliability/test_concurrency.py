@@ -16,7 +16,7 @@ import pytest
 
 from common.config import load_config, resolve_run, to_dict
 from common.fsutil import atomic_write_text
-from common.gmm import GaussianMixture
+from core.gmm import GaussianMixture
 from tests.reliability.conftest import ROOT, env
 
 WRITERS = 8

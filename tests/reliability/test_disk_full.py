@@ -12,7 +12,7 @@ import pytest
 
 from common import checkpoint, fsutil
 from common.cli import main
-from common.errors import OutputError
+from core.errors import OutputError
 from tests.reliability.conftest import assert_bitwise_equal, final_states, run_cli, train_cmd
 
 

@@ -11,8 +11,9 @@ import torch
 from common import checkpoint
 from common.cli import main
 from common.config import load_config, resolve_run, with_overrides
-from common.errors import TrainingError
-from common.train import FAILURE, train
+from common.records import FAILURE
+from common.train import train
+from core.errors import TrainingError
 from methods.teacher import EDMTeacher
 
 ITERATIONS = 30

@@ -8,7 +8,7 @@ import signal
 import subprocess
 
 from common import checkpoint
-from common.errors import PREEMPTED_EXIT_STATUS
+from core.errors import PREEMPTED_EXIT_STATUS
 from tests.reliability.conftest import (
     ITERATIONS,
     ROOT,

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from common.gmm import GaussianMixture
 from common.metrics.analytic import energy_distance, flow_map_error, mode_coverage, nll
+from core.gmm import GaussianMixture
 
 F64 = torch.float64
 

@@ -8,8 +8,8 @@ import torch
 
 from common.config import FDCNNSpec
 from common.data import Dataset, to_uint8_images
-from common.errors import DataError
 from common.metrics.fd_cnn import check_classifier, fd_cnn, load_classifier, save_classifier
+from core.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from common.data import Dataset
-from common.errors import ConfigError, DataError
 from common.metrics import inception, inception_fid, libraries
+from core.errors import ConfigError, DataError
 
 CPU = torch.device("cpu")
 

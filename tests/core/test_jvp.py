@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.jvp import SharedRandomness, full_float32, jvp
+from core.jvp import SharedRandomness, full_float32, jvp
 
 
 def fn(x, t):

@@ -1,4 +1,4 @@
-"""Noise-level grids and training-time distributions shared by the methods (METHODS.md sections 0 and 1)."""
+"""Noise-level grids and training-time distributions shared by the methods."""
 
 from __future__ import annotations
 

@@ -9,6 +9,21 @@ class ConfigError(CmbenchError):
     """A config file has an unknown key or a bad value."""
 
 
+class BadValue(ValueError):
+    """A parameter outside its allowed range; carries the field name so the config loader builds the dotted key
+    (`methods.ctm.params.gamma: must lie in [0, 1]`) and the CLI prints one line."""
+
+    def __init__(self, key: str, msg: str):
+        super().__init__(msg)
+        self.key = key
+
+
+def require(cond: bool, key: str, msg: str) -> None:
+    """Validate a dataclass field in `__post_init__`: every config and method parameter is checked this way."""
+    if not cond:
+        raise BadValue(key, msg)
+
+
 class DataError(CmbenchError):
     """A data file is missing or is not in the expected format."""
 

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from common.backbone import MLP
-from common.conventions import trigflow_F
-from common.precond import CMDenoiser, EDMDenoiser, TrigFlowModel
+from core.backbone import MLP
+from core.conventions import trigflow_F
+from core.precond import CMDenoiser, EDMDenoiser, TrigFlowModel
 
 
 @pytest.fixture

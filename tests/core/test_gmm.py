@@ -1,4 +1,4 @@
-"""common.gmm against closed forms, autograd, quadrature, Monte Carlo and the ODE solver itself."""
+"""core.gmm against closed forms, autograd, quadrature, Monte Carlo and the ODE solver itself."""
 
 import math
 
@@ -9,8 +9,8 @@ from scipy.integrate import quad
 from scipy.stats import multivariate_normal
 
 from common.config import GMMSpec
-from common.conventions import ConvertedTeacher
-from common.gmm import GaussianMixture
+from core.conventions import ConvertedTeacher
+from core.gmm import GaussianMixture
 
 F64 = torch.float64
 SIGMAS = [0.0, 0.002, 0.05, 0.5, 1.0, 10.0, 80.0]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..conventions import time_vector
 from .constant_weight_jvp import Conv2d, Linear
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,11 +182,11 @@ class Conditioning(nn.Module):
         if labels is not None and self.map_label is None:
             raise ValueError("labels were given but the network was built with label_dim=0")
         batch = x.shape[0]
-        t = _per_sample(t, x)
+        t = time_vector(t, x)
         with torch.autocast(device_type=t.device.type, enabled=False):
             emb = self.map_t(t)
             if self.map_s is not None:
-                emb = emb + self.map_s(t if s is None else _per_sample(s, x))
+                emb = emb + self.map_s(t if s is None else time_vector(s, x))
             if self.map_label is not None:
                 emb = emb + self.map_label(_label_matrix(labels, batch, self.label_dim, emb))
             emb = F.silu(emb)
@@ -194,17 +195,6 @@ class Conditioning(nn.Module):
                 feats = self.map_t.features(t.to(emb.dtype))
                 logvar = self.logvar(feats).squeeze(1)
         return emb, logvar
-
-
-def _per_sample(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """t as a [N] vector on x's device: a scalar is broadcast, a [N] (or [N, 1, ...]) tensor flattened."""
-    batch = x.shape[0]
-    t = torch.as_tensor(t, device=x.device).reshape(-1)
-    if t.shape[0] == 1 and batch != 1:
-        t = t.expand(batch)
-    if t.shape[0] != batch:
-        raise ValueError(f"time input has {t.shape[0]} entries for a batch of {batch}")
-    return t
 
 
 def _label_matrix(labels: torch.Tensor | None, batch: int, label_dim: int, like: torch.Tensor):

@@ -1,4 +1,4 @@
-"""Property tests of common.conventions, with the analytic mixture wherever a quantity must be exact."""
+"""Property tests of core.conventions, with the analytic mixture wherever a quantity must be exact."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from common import conventions as cv
-from common.gmm import GaussianMixture
+from core import conventions as cv
+from core.gmm import GaussianMixture
 
 F64 = torch.float64
 SD = cv.SIGMA_DATA
@@ -57,8 +57,8 @@ def test_time_maps_round_trip():
     tt = torch.linspace(0.01, 1.56, 50, dtype=F64)
     torch.testing.assert_close(cv.trig_t_from_sigma(cv.sigma_from_rf_t(cv.rf_t_from_sigma(cv.sigma_from_trig_t(tt)))),
                                tt, rtol=1e-12, atol=0)
-    assert cv.TRIG_T_MAX == pytest.approx(math.atan(80 / 0.5), rel=1e-15)
-    assert cv.TRIG_T_MAX == pytest.approx(1.5645, abs=1e-4)
+    assert cv.TRIGFLOW_T_MAX == pytest.approx(math.atan(80 / 0.5), rel=1e-15)
+    assert cv.TRIGFLOW_T_MAX == pytest.approx(1.5645, abs=1e-4)
 
 
 def test_state_maps_round_trip_and_match_forward_processes():
@@ -242,7 +242,7 @@ def test_boundary_conditions():
     # sCM: f(x, 0) = x whatever F is
     x = torch.randn(5, 2, generator=gen(10), dtype=F64)
     F = torch.randn(5, 2, generator=gen(11), dtype=F64)
-    assert torch.equal(cv.trigflow_consistency(x, torch.zeros(5, dtype=F64), F), x)
+    assert torch.equal(cv.denoiser_from_trigflow_F(F, x, torch.zeros(5, dtype=F64)), x)
 
 
 def test_exact_denoiser_recovers_data():

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from common.backbone import MLP, UNet
-from common.backbone.layers import Conditioning, TimeEmbedding
+from core.backbone import MLP, UNet
+from core.backbone.layers import Conditioning, TimeEmbedding
 
 N = 3
 
@@ -125,9 +125,9 @@ def test_jvp_matches_finite_difference(case):
 
 @pytest.mark.parametrize("case", list(JVP_NETS))
 def test_jvp_paths_agree_with_plain_functorch(case):
-    """common.jvp's dual-tensor path (weights' zero tangents dropped) and its functorch path give the derivative
+    """core.jvp's dual-tensor path (weights' zero tangents dropped) and its functorch path give the derivative
     of plain `torch.func.jvp` through stock layers, and the primal of a plain forward."""
-    from common.jvp import jvp
+    from core.jvp import jvp
 
     torch.manual_seed(0)
     net = _randomize(JVP_NETS[case]()).double().eval()
@@ -140,7 +140,7 @@ def test_jvp_paths_agree_with_plain_functorch(case):
         return net(x, t, labels=labels)
 
     with torch.no_grad():
-        ref_out, ref = torch.func.jvp(f, (x, t), tangents)  # outside common.jvp: stock nn.Conv2d/nn.Linear rules
+        ref_out, ref = torch.func.jvp(f, (x, t), tangents)  # outside core.jvp: stock nn.Conv2d/nn.Linear rules
     for method in ("autograd", "functorch"):
         out, d = jvp(f, (x, t), tangents, method=method)
         torch.testing.assert_close(out, ref_out, rtol=1e-13, atol=1e-13)
@@ -149,8 +149,8 @@ def test_jvp_paths_agree_with_plain_functorch(case):
 
 def test_constant_weight_layers_are_plain_layers_outside_a_jvp():
     """Same parameters and gradients as nn.Conv2d / nn.Linear; the weight-constant rule cannot leak into backward."""
-    from common.backbone.constant_weight_jvp import Conv2d, Linear
-    from common.jvp import _constant_weights_scope
+    from core.backbone.constant_weight_jvp import Conv2d, Linear
+    from core.jvp import _constant_weights_scope
 
     torch.manual_seed(0)
     for ours, stock, x in ((Conv2d(3, 4, 3, padding=1), torch.nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 5, 5)),

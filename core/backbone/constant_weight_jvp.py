@@ -1,9 +1,9 @@
-"""Conv2d and Linear whose forward-mode rule skips the weights' tangent inside `common.jvp.jvp`.
+"""Conv2d and Linear whose forward-mode rule skips the weights' tangent inside `core.jvp.jvp`.
 
 sCM and FACM differentiate the network along (x_t, t) only; its weights are constants.  torch's JVP still gives
 every captured weight a tangent of zeros and convolves the input against it (a dispatch trace of one Conv2d
 under `torch.func.jvp` shows three convolutions: primal, input tangent, zero weight tangent), so a third of the
-JVP's convolution FLOPs are spent on zeros.  Inside `common.jvp.jvp` these layers use the rule
+JVP's convolution FLOPs are spent on zeros.  Inside `core.jvp.jvp` these layers use the rule
 d(conv(x, W) + b) = conv(dx, W), which is the exact derivative when W and b are constant; outside it they are
 plain nn.Conv2d / nn.Linear (same parameters, same state_dict keys, same backward).
 """
@@ -34,7 +34,7 @@ class _ConstantWeightConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError("constant-weight conv2d is for forward-mode AD under no_grad (common.jvp.jvp) only")
+        raise RuntimeError("constant-weight conv2d is for forward-mode AD under no_grad (core.jvp.jvp) only")
 
 
 class _ConstantWeightLinear(torch.autograd.Function):
@@ -53,7 +53,7 @@ class _ConstantWeightLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError("constant-weight linear is for forward-mode AD under no_grad (common.jvp.jvp) only")
+        raise RuntimeError("constant-weight linear is for forward-mode AD under no_grad (core.jvp.jvp) only")
 
 
 class Conv2d(nn.Conv2d):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.ode import euler_step, heun_sample, heun_step
-from common.schedules import karras_sigmas, lognormal_sigma
+from core.ode import euler_step, heun_sample, heun_step
+from core.schedules import karras_sigmas, lognormal_sigma
 
 MU, S = 0.3, 0.2
 

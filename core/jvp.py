@@ -34,9 +34,9 @@ def _constant_weights_scope():
 
 @contextmanager
 def full_float32():
-    """float32 convolutions and matmuls in IEEE float32, not TF32 (GPUs: cuDNN convolutions default to TF32, whose
-    10-bit mantissa turns a finite difference with eps 1e-3 into noise: 93% error measured on an H200,
-    benchmarks/results_gpu.md).  The previous settings are restored exactly; a no-op on CPUs."""
+    """float32 convolutions and matmuls in IEEE float32, not TF32: cuDNN convolutions default to TF32, whose 10-bit
+    mantissa turns a finite difference with eps 1e-3 into noise (benchmarks/notes.md).  The previous settings are
+    restored exactly; a no-op on CPUs."""
     knobs = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
     saved = [k.fp32_precision for k in knobs]
     for k in knobs:
@@ -53,8 +53,8 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
     """(fn(*primals), directional derivative of fn at primals along tangents), both without graph history.
 
     method "autograd": dual tensors (torch.autograd.forward_ad), and the backbone's Conv2d/Linear drop the zero
-    tangent of their weights (common/backbone/constant_weight_jvp.py): 2.5 forwards' time on the digits UNet on
-    one CPU thread against 3.9 for `torch.func.jvp`, whose functorch wrappers add per-op overhead (benchmarks/).
+    tangent of their weights (core/backbone/constant_weight_jvp.py), which is cheaper than `torch.func.jvp`'s
+    functorch wrappers (benchmarks/notes.md).
     method "functorch": `torch.func.jvp`, the same derivative (kept for transforms that need functorch).
     method "finite_difference": (fn(p + eps v) - fn(p - eps v)) / (2 eps), error O(eps^2); `fn` is called at
     both points (and at primals unless the caller passes `primal_out`, the value it already has: two calls instead
@@ -65,7 +65,7 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
     convolution's tangent stays float32 while autocast casts its weight, tests/common/test_gpu_options.py), and a
     finite difference of bf16 outputs would cancel to noise; the sCM paper keeps the tangent in high precision too.
     The finite difference also turns TF32 off (`full_float32`); the AD paths keep the caller's TF32 setting, whose
-    error is that of the forward pass itself (6e-4 relative on an H200, benchmarks/results_gpu.md).
+    error is that of the forward pass itself.
     """
     primals, tangents = tuple(primals), tuple(tangents)
     full_precision = torch.autocast(primals[0].device.type, enabled=False)

@@ -1,4 +1,4 @@
-"""Time conventions, parameterizations and the one conversion layer (METHODS.md sections 0 and 1).
+"""Time conventions, parameterizations and the one conversion layer (docs/methods.md, Conventions).
 
 Every method owns its internal time; at its boundary everything speaks the EDM sigma convention
 (x = x0 + sigma * eps, data at sigma = 0).  The conversions keep the signal-to-noise ratio and map a
@@ -20,10 +20,20 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import require
+
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 RHO = 7.0
+
+
+
+def require_noise_range(sigma_min: float, sigma_max: float, sigma_data: float = SIGMA_DATA) -> None:
+    """The checks every method in EDM sigma shares: 0 < sigma_min < sigma_max and sigma_data > 0."""
+    require(0 < sigma_min < sigma_max, "sigma_min", "must satisfy 0 < sigma_min < sigma_max")
+    require(sigma_data > 0, "sigma_data", "must be > 0")
+
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """D(x_sigma, sigma) -> estimate of x0; sigma broadcastable against x."""
@@ -38,6 +48,26 @@ def append_dims(v: torch.Tensor | float, ndim: int) -> torch.Tensor:
 def per_sample(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A time or noise level (float, [N] or [N, 1, ...]) as x's dtype and device, broadcastable against x."""
     return append_dims(torch.as_tensor(v, dtype=x.dtype, device=x.device), x.ndim)
+
+
+def time_vector(v: torch.Tensor | float, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A time or noise level (a float, or a tensor of 1 or N entries) as an [N] vector on x's device, in `dtype`
+    when given (a tensor keeps its dtype otherwise).  Forward-mode tangents pass through."""
+    if isinstance(v, torch.Tensor):
+        v = v.to(device=x.device, dtype=dtype or v.dtype)
+    else:
+        v = torch.tensor(float(v), device=x.device, dtype=dtype)
+    v = v.reshape(-1)
+    if v.shape[0] == 1 and x.shape[0] != 1:
+        v = v.expand(x.shape[0])
+    if v.shape[0] != x.shape[0]:
+        raise ValueError(f"time input has {v.shape[0]} entries for a batch of {x.shape[0]}")
+    return v
+
+
+def coefficient_dtype(x: torch.Tensor) -> torch.dtype:
+    """Preconditioning coefficients and times in at least float32, also under bf16 autocast (sCM section 4)."""
+    return torch.promote_types(x.dtype, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -61,7 +91,7 @@ def sigma_from_rf_t(t):
     return (1.0 - t) / t
 
 
-TRIG_T_MAX = math.atan(SIGMA_MAX / SIGMA_DATA)  # 1.5645: TrigFlow sampling starts here, not at pi/2
+TRIGFLOW_T_MAX = math.atan(SIGMA_MAX / SIGMA_DATA)  # 1.5645: TrigFlow sampling starts here, not at pi/2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -138,7 +168,7 @@ def denoiser_from_rf_velocity(v: torch.Tensor, x_t: torch.Tensor, t: torch.Tenso
 class ConvertedTeacher:
     """A denoiser exposed in every convention, so a distillation method asks for what its paper uses.
 
-    `denoiser` may be a trained EDM network (methods.teacher) or the exact analytic mixture (common.gmm).
+    `denoiser` may be a trained EDM network (methods.teacher) or the exact analytic mixture (core.gmm).
     """
 
     def __init__(self, denoiser: Denoiser, sigma_d: float = SIGMA_DATA, name: str = "teacher"):
@@ -196,9 +226,3 @@ def cm_boundary_precond(sigma: torch.Tensor, sigma_d: float = SIGMA_DATA, sigma_
     c_in = 1.0 / torch.sqrt(sigma**2 + sigma_d**2)
     c_noise = noise_scale * torch.log(sigma)
     return c_skip, c_out, c_in, c_noise
-
-
-def trigflow_consistency(x_t: torch.Tensor, t: torch.Tensor, F: torch.Tensor,
-                         sigma_d: float = SIGMA_DATA) -> torch.Tensor:
-    """sCM: f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t / sigma_d, t); f(x, 0) = x."""
-    return denoiser_from_trigflow_F(F, x_t, t, sigma_d)

@@ -1,4 +1,4 @@
-"""The analytic Gaussian mixture: exact density, score, denoiser and PF-ODE flow map (METHODS.md section 10).
+"""The analytic Gaussian mixture: exact density, score, denoiser and PF-ODE flow map (docs/methods.md).
 
 Under the EDM forward process x = x0 + sigma eps an isotropic mixture sum_k w_k N(mu_k, s_k^2 I) stays a
 mixture with variances v_k = s_k^2 + sigma^2, so every quantity the methods need is available in closed form:
@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
-from .config import GMMSpec
 from .conventions import ConvertedTeacher
 
 _F64 = torch.float64
@@ -44,7 +43,7 @@ class GaussianMixture:
         self._on_device: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     @classmethod
-    def from_spec(cls, spec: GMMSpec) -> GaussianMixture:
+    def from_spec(cls, spec) -> GaussianMixture:
         return cls(spec.means, spec.stds, spec.weights)
 
     @property

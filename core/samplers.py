@@ -6,26 +6,31 @@ function f(x, sigma) (EDM sigma convention) and its intermediate noise levels.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .conventions import SIGMA_MAX, SIGMA_MIN
+from .conventions import RHO, SIGMA_MAX, SIGMA_MIN
 from .schedules import karras_sigmas
 
 
-def multistep_sigmas(steps: int, mid_sigmas: list[float], sigma_max: float = SIGMA_MAX,
-                     sigma_min: float = SIGMA_MIN, rho: float = 7.0) -> list[float]:
-    """[sigma_max, then steps - 1 intermediate levels], descending.
-
-    The intermediate levels are `mid_sigmas[:steps - 1]` when the list is long enough (the papers tune them:
-    0.821 for 2 steps on CIFAR-10); otherwise the interior points of a Karras grid of steps + 1 levels from
-    sigma_max to sigma_min, so any step count has a defined schedule.
-    """
+def intermediate_levels(steps: int, given: list[float], default: Callable[[int], list[float]]) -> list[float]:
+    """The steps - 1 levels (or times) a multistep sampler visits after its start: `given[:steps - 1]` when the list
+    is long enough (the papers tune them, e.g. 0.821 for 2 steps on CIFAR-10), else `default(steps)`, so any step
+    count has a defined schedule."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    if steps - 1 <= len(mid_sigmas):
-        mids = list(mid_sigmas[: steps - 1])
-    else:
-        mids = karras_sigmas(steps + 1, sigma_min, sigma_max, rho)[1:-1].tolist()
+    if steps - 1 <= len(given):
+        return list(given[: steps - 1])
+    return default(steps)
+
+
+def multistep_sigmas(steps: int, mid_sigmas: list[float], sigma_max: float = SIGMA_MAX,
+                     sigma_min: float = SIGMA_MIN, rho: float = RHO) -> list[float]:
+    """[sigma_max, then steps - 1 intermediate levels], descending; beyond `mid_sigmas`, the interior points of a
+    Karras grid of steps + 1 levels from sigma_max to sigma_min."""
+    mids = intermediate_levels(steps, mid_sigmas,
+                               lambda n: karras_sigmas(n + 1, sigma_min, sigma_max, rho)[1:-1].tolist())
     levels = [sigma_max, *mids]
     if any(b >= a for a, b in zip(levels[:-1], levels[1:], strict=True)) or levels[-1] <= sigma_min:
         raise ValueError(f"intermediate sigmas must descend from {sigma_max} and stay above {sigma_min}: {levels}")

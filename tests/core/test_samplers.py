@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from common.samplers import consistency_multistep, multistep_sigmas
-from common.schedules import karras_sigmas
+from core.samplers import consistency_multistep, multistep_sigmas
+from core.schedules import karras_sigmas
 
 
 def test_schedule_rule():
