@@ -18,6 +18,9 @@ from typing import Any, Literal
 import yaml
 
 from core.errors import BadValue, ConfigError, require
+from methods.registry import get_method_class
+
+from .records import RunDir
 
 # ---------------------------------------------------------------------------------------------------
 # Generic typed loading
@@ -415,8 +418,6 @@ def config_from_data(data: Any, source: str) -> Config:
 
 def resolve_run(config: Config, dataset: str, method: str, seed: int, source: str = "<config>") -> RunConfig:
     """Merge dataset defaults, global method overrides and dataset-specific method overrides."""
-    from methods.registry import get_method_class  # methods depend on common, not the other way round
-
     if dataset not in config.datasets:
         raise ConfigError(f"{source}: unknown dataset '{dataset}' (defined: {', '.join(sorted(config.datasets))})")
     method_cls = get_method_class(method)
@@ -451,8 +452,6 @@ def load_run_config(path: str | Path) -> RunConfig:
     """Read a run folder's config.json (or the file itself)."""
     path = Path(path)
     if path.is_dir():
-        from .records import RunDir  # records imports nothing of config's
-
         path = RunDir(path).config
     if not path.is_file():
         raise ConfigError(f"run config not found: {path} (train the run first with `cmbench train`)")
