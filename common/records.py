@@ -37,6 +37,8 @@ GRID_FILE = "results/grids/{dataset}/{method}/seed{seed}/steps{steps}.png"
 PREPARED_FILE = "data/prepared/{dataset}.pt"
 FD_CNN_FILE = "data/features/{dataset}/fdcnn.pt"
 INCEPTION_REF_FILE = "data/features/{dataset}/inception_ref.npz"
+SUMMARY_DIR = "results/summary"  # `cmbench report` writes common.report.SUMMARY_NAMES here
+TRACKING_RECORD = "results/tracking/mlflow.json"  # `cmbench track`'s record of the MLflow run ids
 
 
 @dataclass

@@ -20,6 +20,8 @@ from common.records import (
     PREPARED_FILE,
     RUN_DIR,
     SAMPLES_FILE,
+    SUMMARY_DIR,
+    TRACKING_RECORD,
     RunDir,
 )
 from snakemake.exceptions import WorkflowError
@@ -94,8 +96,7 @@ RUNS = [(d, m, s) for d in CFG.datasets for m in CFG.methods for s in CFG.seeds]
 SAMPLED = [(d, m, s, k) for d, m, s in RUNS for k in run_config(d, m, s).eval.steps]
 METRICS = [METRICS_FILE.format(dataset=d, method=m, seed=s, steps=k) for d, m, s, k in SAMPLED]
 GRIDS = [GRID_FILE.format(dataset=d, method=m, seed=s, steps=k) for d, m, s, k in SAMPLED]
-SUMMARY_FILES = [f"results/summary/{name}" for name in SUMMARY_NAMES]
-TRACKING_RECORD = "results/tracking/mlflow.json"
+SUMMARY_FILES = [f"{SUMMARY_DIR}/{name}" for name in SUMMARY_NAMES]
 
 
 # Input functions, kept apart from the rules that use them

@@ -10,10 +10,11 @@ rule report:
         SUMMARY_FILES,
     params:
         cmbench=CMBENCH,
+        out_dir=lambda w, output: os.path.dirname(output[0]),
     conda:
         "envs/cmbench.yaml"
     log:
         "results/logs/report.log",
     shell:
-        "{params.cmbench} report --metrics {input.metrics} --published {input.published} --out-dir results/summary "
+        "{params.cmbench} report --metrics {input.metrics} --published {input.published} --out-dir {params.out_dir} "
         "> {log} 2>&1"
