@@ -9,7 +9,8 @@ import torch
 from scipy import stats
 
 from common.models import build_backbone
-from methods.ict import ICT, ict_num_scales, lognormal_index_probs, pseudo_huber
+from core.losses import ict_huber_c, pseudo_huber
+from methods.ict import ICT, ict_num_scales, lognormal_index_probs
 from methods.registry import get_method_class
 
 from .conftest import make_run, sample_error, train_method
@@ -141,11 +142,12 @@ def test_pseudo_huber_and_its_constant():
     assert torch.allclose(pseudo_huber(x, y, c), torch.tensor([math.sqrt(25 + c * c) - c, 0.0]))
     # on the per-sample norm, not elementwise: elementwise would give sqrt(9+c^2)+sqrt(16+c^2)-2c
     assert abs(pseudo_huber(x, y, c)[0].item() - (math.sqrt(9 + c * c) + math.sqrt(16 + c * c) - 2 * c)) > 0.05
-    m = ICT()
-    assert m.huber_constant(torch.zeros(5, 3, 32, 32)) == pytest.approx(0.00054 * math.sqrt(3072))  # 0.0299
-    assert m.huber_constant(torch.zeros(5, 3, 64, 64)) == pytest.approx(0.0598, abs=1e-4)
-    assert m.huber_constant(torch.zeros(5, 2)) == pytest.approx(0.00054 * math.sqrt(2))
-    assert ICT(huber_c=0.03).huber_constant(torch.zeros(5, 2)) == 0.03
+    assert ict_huber_c(3 * 32 * 32) == pytest.approx(0.00054 * math.sqrt(3072))  # 0.0299
+    assert ict_huber_c(3 * 64 * 64) == pytest.approx(0.0598, abs=1e-4)
+    x, y = torch.randn(5, 3, 8, 8), torch.randn(5, 3, 8, 8)
+    assert ICT().huber_c is None  # the loss then uses iCT's 0.00054 sqrt(D)
+    assert torch.equal(pseudo_huber(x, y, ICT().huber_c), pseudo_huber(x, y, ict_huber_c(192)))
+    assert torch.equal(pseudo_huber(x, y, ICT(huber_c=0.03).huber_c), pseudo_huber(x, y, 0.03))
 
 
 @pytest.mark.parametrize("n,lo,hi", [(11, 0.02883, 67.93), (1281, 2.936, 25585.0)])
