@@ -3,8 +3,7 @@
 A method owns its time convention, its parameterization around the shared backbone, its loss, its time
 sampling and its sampler.  Everything else (data, backbone, loop, EMA, checkpoints, evaluation) is shared.
 Curricula are pure functions of `progress` in [0, 1], never stored state, so a resumed run is the same run.
-A method uses only the math core (`core/`); parameters are validated with `core.errors.require` in
-`__post_init__`, and the backbone features it declares here are switched on for it by the harness.
+A method uses only `core/`, validates its fields with `core.errors.require`, and declares its backbone features.
 """
 
 from __future__ import annotations

@@ -21,11 +21,8 @@ from .registry import register
 @register
 @dataclass(frozen=True)
 class EDMTeacher(Method):
-    """EDM: ln sigma ~ N(P_mean, P_std^2); loss lambda(sigma) ||D - x0||^2 with
-    lambda(sigma) = (sigma^2 + sigma_d^2) / (sigma sigma_d)^2.
-
-    The loss is averaged over data dimensions (EDM sums them); with Adam this only rescales the gradient.
-    """
+    """ln sigma ~ N(P_mean, P_std^2); loss (sigma^2 + sigma_d^2) / (sigma sigma_d)^2 ||D - x0||^2, averaged over
+    data dimensions (EDM sums them; with Adam this only rescales the gradient)."""
 
     name = "teacher"
     P_mean: float = -1.2
