@@ -34,22 +34,26 @@ except CmbenchError as e:
 # Jobs run the CLI with the interpreter that runs Snakemake (the project's venv, also on SLURM nodes).
 CMBENCH = f"{sys.executable} -m common.cli"
 
-# The merged config (config files + --config overrides) that the CLI reads; rewritten only when it changes.
-CONFIG_FILE = "results/config.resolved.yaml"
+# The merged config (config files + --config overrides) that the CLI reads, named by its content: every
+# invocation (a dry run, a run the lock refuses, a second workflow with another config) writes its own file and
+# never rewrites the one that running jobs read. Kept out of rule params, so editing one dataset's settings does not
+# rerun every job (each training rule carries its own run's config hash instead).
+CONFIG_DIR = "results/configs"
 
 
-def _write_resolved_config():
+def _write_resolved_config() -> str:
     text = yaml.safe_dump(config, sort_keys=True)
-    if os.path.exists(CONFIG_FILE) and open(CONFIG_FILE).read() == text:
-        return
-    os.makedirs(os.path.dirname(CONFIG_FILE), exist_ok=True)
-    tmp = f"{CONFIG_FILE}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, CONFIG_FILE)
+    path = f"{CONFIG_DIR}/{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not os.path.exists(path):
+        os.makedirs(CONFIG_DIR, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return path
 
 
-_write_resolved_config()
+CONFIG_FILE = _write_resolved_config()
 
 
 @functools.cache

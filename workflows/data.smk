@@ -25,14 +25,13 @@ rule prepare:
         PREPARED_FILE,
     params:
         cmbench=CMBENCH,
-        config_file=CONFIG_FILE,
         spec=lambda w: json.dumps(to_dict(CFG.datasets[w.dataset].data), sort_keys=True),
     conda:
         "envs/cmbench.yaml"
     log:
         "results/logs/prepare/{dataset}.log",
     shell:
-        "{params.cmbench} prepare --config {params.config_file} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
+        "{params.cmbench} prepare --config {CONFIG_FILE} --dataset {wildcards.dataset} --out {output} > {log} 2>&1"
 
 
 rule feature_net:
@@ -42,7 +41,6 @@ rule feature_net:
         FD_CNN_FILE,
     params:
         cmbench=CMBENCH,
-        config_file=CONFIG_FILE,
         spec=lambda w: json.dumps(to_dict(CFG.datasets[w.dataset].eval.fd_cnn), sort_keys=True),
     threads: 2
     conda:
@@ -50,7 +48,7 @@ rule feature_net:
     log:
         "results/logs/features/{dataset}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} features --config {params.config_file} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS={threads} {params.cmbench} features --config {CONFIG_FILE} --dataset {wildcards.dataset} "
         "--data {input} --out {output} > {log} 2>&1"
 
 
@@ -63,7 +61,6 @@ rule inception_reference:
         INCEPTION_REF_FILE,
     params:
         cmbench=CMBENCH,
-        config_file=CONFIG_FILE,
         # what the statistics depend on: turning rows on or off (enabled, steps) must not recompute them
         spec=lambda w: json.dumps(
             {k: v for k, v in to_dict(CFG.datasets[w.dataset].inception).items() if k not in ("enabled", "steps")},
@@ -75,5 +72,5 @@ rule inception_reference:
     log:
         "results/logs/inception_ref/{dataset}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} inception-ref --config {params.config_file} "
+        "OMP_NUM_THREADS={threads} {params.cmbench} inception-ref --config {CONFIG_FILE} "
         "--dataset {wildcards.dataset} --data {input} --out {output} > {log} 2>&1"

@@ -8,7 +8,6 @@ rule train_teacher:
         TEACHER_FINAL_FILE,
     params:
         cmbench=lambda w: train_launcher(w.dataset, "teacher", w.seed),
-        config_file=CONFIG_FILE,
         config=lambda w: config_hash(w.dataset, "teacher", w.seed),
         out=lambda w: run_dir(w.dataset, "teacher", w.seed),
     threads: CFG.workflow.train_threads
@@ -19,6 +18,6 @@ rule train_teacher:
     log:
         "results/logs/train/{dataset}/teacher/seed{seed}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} train --config {params.config_file} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS={threads} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
         "--method teacher --seed {wildcards.seed} --data {input.data} --out {params.out} --archive-stale "
         "> {log} 2>&1"

@@ -11,7 +11,6 @@ rule train_method:
         FINAL_FILE,
     params:
         cmbench=lambda w: train_launcher(w.dataset, w.method, w.seed),
-        config_file=CONFIG_FILE,
         config=lambda w: config_hash(w.dataset, w.method, w.seed),
         out=lambda w: run_dir(w.dataset, w.method, w.seed),
         teacher=_teacher_arg,
@@ -23,6 +22,6 @@ rule train_method:
     log:
         "results/logs/train/{dataset}/{method}/seed{seed}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} train --config {params.config_file} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS={threads} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
         "--method {wildcards.method} --seed {wildcards.seed} --data {input.data} {params.teacher} "
         "--out {params.out} --archive-stale > {log} 2>&1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -190,3 +191,47 @@ def test_second_snakemake_on_the_same_folder_is_refused_by_the_lock(tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(timeout=60)
+
+
+def test_a_dry_run_with_another_config_beside_a_running_workflow_changes_nothing(tmp_path):
+    """Every invocation writes its merged config under its own content hash (workflows/common.smk), so a dry run
+    with another config while a workflow trains neither rewrites the file its jobs read nor makes a later job
+    train (or `--archive-stale` aside) a run with the other config."""
+    snakemake = Path(sys.executable).parent / "snakemake"
+    if not snakemake.exists():
+        pytest.skip("snakemake is not installed in this environment")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    runs = [f"results/runs/gmm/{m}/seed0" for m in ("teacher", "ct", "ict")]
+    cmd = [str(snakemake), "--cores", "1", "-p", *[f"{r}/final.pt" for r in runs], "--configfile",
+           "config/smoke.yaml"]
+    log = tmp_path / "first.log"
+    with open(log, "w") as f:
+        first = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        end = time.monotonic() + 300
+        while not (match := re.search(r" --config (\S+) ", log.read_text())):  # a job is in flight: its command
+            assert first.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < end, "the workflow never started a job"
+            time.sleep(0.1)
+        ours = repo / match.group(1)
+        before = ours.read_bytes()
+        dry = subprocess.run([str(snakemake), "-n", "--cores", "1", "all", "--configfile", "config/config.yaml"],
+                             cwd=repo, env=env(), capture_output=True, text=True, timeout=300)
+        assert dry.returncode == 0, (dry.stdout + dry.stderr)[-3000:]
+        assert ours.read_bytes() == before, "the dry run rewrote the config file the running jobs read"
+        first.wait(timeout=600)
+        out = log.read_text()
+        assert first.returncode == 0, out[-3000:]
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
+    # every job of the running workflow read that file, and each run folder holds the smoke config's run
+    assert out.count(f" --config {match.group(1)} ") == out.count(" -m common.cli ") > 0, out[-3000:]
+    smoke = load_config(repo / "config/smoke.yaml")
+    for run in runs:
+        got = json.loads((repo / run / "config.json").read_text())
+        assert got == to_dict(resolve_run(smoke, "gmm", run.split("/")[3], 0)), run
+    assert not list((repo / "results/runs/gmm").glob("*/seed0.replaced-*"))  # nothing was archived aside
