@@ -97,3 +97,36 @@ def test_imagenet64_adm_backbone_runs_a_forward_and_a_jvp():
     out, tangent = jvp(lambda a, b: net(a, b, labels=labels), (x, t), (torch.randn_like(x), torch.ones_like(t)))
     assert out.shape == tangent.shape == x.shape
     assert torch.isfinite(out).all() and torch.isfinite(tangent).all() and tangent.abs().sum() > 0
+
+
+def _dry_run_jobs(args: list[str]) -> dict[str, int]:
+    """{rule: jobs} from the job table of `snakemake -n` in the repository (no data needed)."""
+    import subprocess
+    import sys
+
+    snakemake = Path(sys.executable).parent / "snakemake"
+    proc = subprocess.run([str(snakemake), "-n", "--cores", "1", "all", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    table = proc.stdout[proc.stdout.index("Job stats:"):].split("\n\n")[0].splitlines()[3:]
+    return {name: int(count) for name, count in (line.split() for line in table) if name != "total"}
+
+
+@pytest.mark.parametrize("track", ["cifar10", "imagenet64"])
+def test_rehearsal_budgets_run_the_full_tracks_graph(track):
+    """`--config budget=rehearsal` (and rehearsal_gpu) schedule the same rules, the same number of jobs of each, as
+    the full track: what the cluster runs is what a rehearsal ran."""
+    full = _dry_run_jobs(["--configfile", f"config/{track}.yaml"])
+    assert {"prepare", "feature_net", "inception_reference", "train_teacher", "train_method", "sample", "evaluate",
+            "report", "track"} <= set(full)
+    for budget in ("rehearsal", "rehearsal_gpu"):
+        assert _dry_run_jobs(["--configfile", f"config/{track}.yaml", "--config", f"budget={budget}"]) == full
+
+
+@pytest.mark.parametrize("track", [CIFAR, IMAGENET], ids=["cifar10", "imagenet64"])
+def test_paper_tracks_train_in_float32_on_cuda(track):
+    """fp32 by default (docs/cluster.md, "Precision") and `device: cuda`, which refuses to fall back to CPU."""
+    for name in track.datasets:
+        for method in track.methods:
+            train = resolve_run(track, name, method, 0).train
+            assert (train.amp, train.device) == ("none", "cuda"), (name, method)

