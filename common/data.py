@@ -1,8 +1,10 @@
 """One data pipeline for every method: read a source named by a `DataSpec`, prepare it once, order it by seed.
 
 Images come out float32 NCHW in [-1, 1] (uint8 u -> u / 127.5 - 1, so `to_uint8_images` inverts it exactly);
-points come out float32 [N, D].  Nothing is downloaded here: every file-based kind reads a file the user
-fetched (docs/extending.md), and a missing file is a `DataError` whose message says how to get it.
+points come out float32 [N, D].  Images read from 8-bit sources are kept as uint8 and converted per batch; a
+prepared file is memory-mapped, so the ranks of a training job share one copy in the page cache.  Nothing is
+downloaded here: every file-based kind reads a file the user fetched (docs/extending.md), and a missing file is a
+`DataError` whose message says how to get it.
 
 Sources and defaults (spec.path = None):
 
@@ -39,7 +41,6 @@ import pickle
 import re
 import tarfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,32 +59,63 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_FOLDER = "cifar-10-batches-py"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 GMM_TEST_SEED_OFFSET = 1_000_000_007
-PREPARED_FORMAT = "cmbench-prepared-v1"
+PREPARED_FORMAT = "cmbench-prepared-v2"  # x as stored (uint8 for 8-bit images), memory-mapped on load
+PREPARED_FORMATS = (PREPARED_FORMAT, "cmbench-prepared-v1")  # v1 (float32 x) still loads
+HASH_TAG = "cmbench-prepared-v1"  # the hash's domain tag, kept from v1: float32 data keep their v1 hashes
+HASH_CHUNK = 64 * 2**20
 EPOCH_SEED_STRIDE = 1_000_003
 
 # ---------------------------------------------------------------------------------------------------
 # The dataset record
 
 
-@dataclass
 class Dataset:
-    """A whole split in memory: images [N, C, H, W] in [-1, 1] or points [N, D], float32."""
+    """A whole split: images [N, C, H, W] in [-1, 1] or points [N, D], read as float32.
 
-    x: torch.Tensor
-    labels: torch.Tensor | None  # int64 [N], or None when unlabeled
-    num_classes: int  # 0 when unlabeled
-    kind: str  # DataSpec.kind
+    `store` holds what the source holds: uint8 for 8-bit images (a quarter of float32, and a memory map when read
+    from a prepared file), float32 otherwise.  Training converts only the rows it takes (`rows`), so a data set
+    costs no process memory of its own; `x` converts the whole split once, for small callers (evaluation, tests).
+    """
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor | None, num_classes: int, kind: str):
+        self.store = x
+        self.labels = labels  # int64 [N], or None when unlabeled
+        self.num_classes = num_classes  # 0 when unlabeled
+        self.kind = kind  # DataSpec.kind
+        self._x: torch.Tensor | None = None
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The whole split as float32 (a converted copy, made once, when stored as uint8)."""
+        if self.store.dtype != torch.uint8:
+            return self.store
+        if self._x is None:
+            self._x = uint8_to_float(self.store)
+        return self._x
+
+    @x.setter
+    def x(self, value: torch.Tensor) -> None:
+        self.store, self._x = value, None
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """float32 rows `idx` (CPU indices): only these are read and converted."""
+        r = self.store[idx]
+        return uint8_to_float(r) if r.dtype == torch.uint8 else r
 
     @property
     def item_shape(self) -> tuple[int, ...]:
-        return tuple(self.x.shape[1:])
+        return tuple(self.store.shape[1:])
 
     @property
     def is_image(self) -> bool:
-        return self.x.ndim == 4
+        return self.store.ndim == 4
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.store.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"Dataset(kind={self.kind!r}, store={self.store.dtype} {tuple(self.store.shape)}, "
+                f"num_classes={self.num_classes})")
 
 
 def load_dataset(spec: DataSpec) -> Dataset:
@@ -107,23 +139,25 @@ def _finish(ds: Dataset, spec: DataSpec) -> Dataset:
                             "match (only kind image_folder resizes)")
     if spec.max_items is not None:
         ds = _take(ds, spec.max_items)
-    ds.x = ds.x.to(torch.float32).contiguous()
+    store = ds.store if ds.store.dtype == torch.uint8 else ds.store.to(torch.float32)
+    ds.x = store.contiguous()
     _check(ds, spec.kind)
     return ds
 
 
 def _take(ds: Dataset, n: int) -> Dataset:
     labels = None if ds.labels is None else ds.labels[:n]
-    return Dataset(x=ds.x[:n], labels=labels, num_classes=ds.num_classes, kind=ds.kind)
+    return Dataset(x=ds.store[:n], labels=labels, num_classes=ds.num_classes, kind=ds.kind)
 
 
 def _check(ds: Dataset, where: str) -> None:
     if len(ds) == 0:
         raise DataError(f"{where}: the data set is empty")
-    if not torch.isfinite(ds.x).all():
-        raise DataError(f"{where}: the data hold NaN or infinite values")
-    if ds.is_image and (ds.x.min() < -1 or ds.x.max() > 1):
-        raise DataError(f"{where}: image values lie outside [-1, 1]")
+    if ds.store.dtype != torch.uint8:  # uint8 pixels are finite and map into [-1, 1] by construction
+        if not torch.isfinite(ds.x).all():
+            raise DataError(f"{where}: the data hold NaN or infinite values")
+        if ds.is_image and (ds.x.min() < -1 or ds.x.max() > 1):
+            raise DataError(f"{where}: image values lie outside [-1, 1]")
     if ds.labels is not None:
         if ds.labels.dtype != torch.int64 or ds.labels.shape != (len(ds),):
             got = f"{ds.labels.dtype} {tuple(ds.labels.shape)}"
@@ -133,10 +167,16 @@ def _check(ds: Dataset, where: str) -> None:
 
 
 def _from_uint8(u8: np.ndarray, labels, num_classes: int, kind: str) -> Dataset:
-    """uint8 NCHW -> [-1, 1] with the exact inverse of `to_uint8_images`."""
-    x = torch.from_numpy(np.array(u8, dtype=np.uint8)).to(torch.float32) / 127.5 - 1.0  # a writable copy
+    """uint8 NCHW kept as uint8; `Dataset.x` and `Dataset.rows` read it through `uint8_to_float`."""
+    x = torch.from_numpy(np.array(u8, dtype=np.uint8))  # a writable copy
     y = None if labels is None else torch.from_numpy(np.array(labels, dtype=np.int64))  # a writable copy
     return Dataset(x=x, labels=y, num_classes=num_classes if y is not None else 0, kind=kind)
+
+
+def uint8_to_float(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 -> [-1, 1], the exact inverse of `to_uint8_images`; elementwise, so a batch converts bitwise as the
+    whole split would."""
+    return u8.to(torch.float32) / 127.5 - 1.0
 
 
 def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
@@ -149,45 +189,54 @@ def to_uint8_images(x: torch.Tensor) -> torch.Tensor:
 
 
 def data_hash(ds: Dataset) -> str:
-    """sha256 of kind, shapes, dtypes and tensor bytes: equal data give equal hashes on every run."""
+    """sha256 of kind, shapes, dtypes and stored bytes: equal data give equal hashes on every run.
+
+    Hashes `store` as it is (uint8 images as bytes), in chunks, so a memory-mapped set is never copied.
+    """
     h = hashlib.sha256()
-    h.update(f"{PREPARED_FORMAT}|{ds.kind}|{ds.num_classes}|".encode())
-    for name, t in (("x", ds.x), ("labels", ds.labels)):
+    h.update(f"{HASH_TAG}|{ds.kind}|{ds.num_classes}|".encode())
+    for name, t in (("x", ds.store), ("labels", ds.labels)):
         if t is None:
             h.update(f"{name}:none|".encode())
             continue
         arr = t.detach().cpu().contiguous().numpy()
         h.update(f"{name}:{arr.dtype.str}:{list(arr.shape)}|".encode())
-        h.update(memoryview(arr).cast("B"))
+        raw = memoryview(arr).cast("B")
+        for start in range(0, len(raw), HASH_CHUNK):
+            h.update(raw[start:start + HASH_CHUNK])
     return h.hexdigest()
 
 
 def save_prepared(ds: Dataset, path) -> str:
-    """Write `ds` atomically (tmp file, fsync, rename): a crash never leaves half a file; returns the hash."""
+    """Write `ds` atomically (tmp file, fsync, rename): a crash never leaves half a file; returns the hash.
+
+    x is written as stored: uint8 for images from 8-bit sources, float32 for points and sklearn's digits.
+    """
     digest = data_hash(ds)
     record = {"format": PREPARED_FORMAT, "kind": ds.kind, "num_classes": int(ds.num_classes), "hash": digest,
-              "x": ds.x.detach().cpu().contiguous(),
+              "x": ds.store.detach().cpu().contiguous(),
               "labels": None if ds.labels is None else ds.labels.detach().cpu().contiguous()}
     atomic_write(path, lambda f: torch.save(record, f))
     return digest
 
 
 def load_prepared(path) -> Dataset:
-    """Read a file written by `save_prepared`; a missing, unreadable or altered file is a DataError."""
+    """Memory-map a file written by `save_prepared` (v2, or v1's float32 files); a missing, unreadable or altered
+    file is a DataError.  Nothing is copied into process memory: the page cache holds the data once per machine."""
     path = Path(path)
     fix = "run `cmbench prepare` to (re)create it"
     if not path.is_file():
         raise DataError(f"prepared data not found at {path}: {fix}")
     try:
-        rec = torch.load(path, map_location="cpu", weights_only=True)
+        rec = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a damaged file
         raise DataError(f"prepared data at {path} is unreadable ({type(e).__name__}): {fix}") from None
-    if not isinstance(rec, dict) or rec.get("format") != PREPARED_FORMAT:
+    if not isinstance(rec, dict) or rec.get("format") not in PREPARED_FORMATS:
         raise DataError(f"{path} is not a cmbench prepared data file ({PREPARED_FORMAT}): {fix}")
     try:
         ds = Dataset(x=rec["x"], labels=rec["labels"], num_classes=int(rec["num_classes"]),
                      kind=str(rec["kind"]))
-        ok = data_hash(ds) == rec["hash"]
+        ok = ds.store.dtype in (torch.uint8, torch.float32) and data_hash(ds) == rec["hash"]
     except (KeyError, TypeError, AttributeError, RuntimeError):
         ok = False
     if not ok:

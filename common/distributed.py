@@ -6,11 +6,15 @@ wrappers) and sCT/sCD/FACM take `torch.func.jvp` of it, which bypasses DDP's red
 per-rank.  So the loop averages gradients itself after backward (`average_gradients`, one all-reduce per bucket),
 which is DDP's arithmetic without its overlap of communication and backward, and correct for every method.
 
-Conventions (identical across ranks unless said): the global batch is `train.batch_size`; rank r takes the r-th
-contiguous slice of the step's global indices (different data shards); the model is initialized from the run seed
-and broadcast from rank 0 (identical init); each rank reseeds its RNG per step with a rank-specific seed (different
-noise); rank 0 alone writes checkpoints, stats and the final weights.  With one process all of this is the identity,
-so a one-process run is bitwise the same as before this module existed.
+Conventions (identical across ranks unless said): the global batch is `train.batch_size`, cut into
+world_size x accum micro-batches (accum = share / train.batch_per_gpu, 1 by default); rank r runs the global
+micro-batches j = r * accum + a, each the j-th contiguous slice of the step's indices, with the RNG seeded by
+`rank_seed(step seed, j)`; gradients are summed over micro-batches and ranks, then divided once by their number.
+So a micro-batch is computed the same whichever process runs it, and 1 process x 2 micro-batches is bitwise 2
+processes x 1 (a sum of two terms is commutative; with more, the reduction's order may differ in the last bit).
+The model is initialized from the run seed and broadcast from rank 0 (identical init); rank 0 alone writes
+checkpoints, stats and the final weights.  With one process and one micro-batch all of this is the identity, so
+such a run is bitwise the same as before this module existed.
 """
 
 from __future__ import annotations
@@ -44,19 +48,22 @@ class Group:
         return self.rank == 0
 
 
-def setup(device_spec: str, devices: int = 1) -> tuple[Group, torch.device]:
+def setup(device_spec: str, devices: int = 1, nodes: int = 1) -> tuple[Group, torch.device]:
     """The process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) and this
-    rank's device; a plain process is the one-process group.  `devices` (train.devices) must match WORLD_SIZE."""
+    rank's device; a plain process is the one-process group.  WORLD_SIZE must be nodes x devices (train.nodes,
+    train.devices), and `auto` must find CUDA where the job holds GPUs (common/device.py)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != devices:
-        how = (f"launch with `torchrun --nproc_per_node {devices}`" if devices > 1
-               else "launch without torchrun, or set train.devices to WORLD_SIZE")
-        raise ConfigError(f"train.devices is {devices} but this job has WORLD_SIZE={world} processes: {how}")
+    if world != nodes * devices:
+        raise ConfigError(f"train.nodes x train.devices is {nodes} x {devices} but this job has WORLD_SIZE={world} "
+                          f"processes: {_launch_hint(devices, nodes)}")
+    device = resolve_device(device_spec, check_allocation=True)
     if world == 1:
-        return Group(), resolve_device(device_spec)
+        return Group(), device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_spec)
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"rank {rank} has LOCAL_RANK {local_rank} but sees {torch.cuda.device_count()} GPU(s): "
+                              f"give each node train.devices ({devices}) GPUs")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -64,10 +71,28 @@ def setup(device_spec: str, devices: int = 1) -> tuple[Group, torch.device]:
     return Group(rank, world, local_rank), device
 
 
+def _launch_hint(devices: int, nodes: int) -> str:
+    if nodes > 1:
+        return (f"start `torchrun --nnodes {nodes} --nproc_per_node {devices} --rdzv-backend c10d ...` once per node "
+                "(the workflow's launcher, `launch_prefix`, does it with srun)")
+    if devices > 1:
+        return f"launch with `torchrun --nproc_per_node {devices}`"
+    return "launch without torchrun, or set train.devices (and train.nodes) to match WORLD_SIZE"
+
+
 def shard(indices: torch.Tensor, group: Group) -> torch.Tensor:
     """This rank's contiguous slice of the step's global batch: the ranks together cover it exactly once."""
     per_rank = len(indices) // group.world_size
     return indices[group.rank * per_rank:(group.rank + 1) * per_rank]
+
+
+def micro_batches(indices: torch.Tensor, group: Group, accum: int):
+    """(j, indices) of this rank's `accum` micro-batches: global micro-batch j = rank * accum + a is the j-th
+    contiguous slice of the step's batch, so the same j gets the same rows whichever process runs it."""
+    size = len(indices) // (group.world_size * accum)
+    for a in range(accum):
+        j = group.rank * accum + a
+        yield j, indices[j * size:(j + 1) * size]
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -86,30 +111,36 @@ def broadcast_module(module: torch.nn.Module, group: Group) -> None:
 
 
 @torch.no_grad()
-def average_gradients(params, group: Group, bucket_bytes: int = 25 * 2**20) -> None:
-    """Replace every gradient by its mean over ranks (what DDP computes), in flat buckets of about 25 MB.
+def average_gradients(params, group: Group, micro_batches: int = 1, bucket_bytes: int = 25 * 2**20) -> None:
+    """Replace every gradient, a sum over this rank's `micro_batches`, by the mean over all ranks' micro-batches.
 
-    Every rank must hold the same set of gradients (the same code path runs on every rank); parameters without a
-    gradient stay without one, as in a single process.
+    All-reduce sum, then one division by world_size x micro_batches (DDP's arithmetic with one micro-batch), in
+    flat buckets of about 25 MB.  Every rank must hold the same set of gradients (the same code path runs on every
+    rank); parameters without a gradient stay without one, as in a single process.
     """
-    if not group.active:
+    total = group.world_size * micro_batches
+    if total == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
+    if not group.active:
+        for g in grads:
+            g /= total
+        return
     bucket, size = [], 0
     for g in grads:
         bucket.append(g)
         size += g.numel() * g.element_size()
         if size >= bucket_bytes:
-            _reduce_bucket(bucket, group)
+            _reduce_bucket(bucket, total)
             bucket, size = [], 0
     if bucket:
-        _reduce_bucket(bucket, group)
+        _reduce_bucket(bucket, total)
 
 
-def _reduce_bucket(grads: list[torch.Tensor], group: Group) -> None:
+def _reduce_bucket(grads: list[torch.Tensor], total: int) -> None:
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
-    flat /= group.world_size
+    flat /= total
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -140,8 +171,29 @@ def barrier(group: Group) -> None:
         dist.barrier()
 
 
-def launch_prefix(python: str, devices: int) -> str:
-    """How a Snakemake rule starts the CLI: plain, or torchrun with one process per device."""
-    if devices <= 1:
-        return f"{python} -m common.cli"
-    return f"{python} -m torch.distributed.run --standalone --nproc_per_node {devices} -m common.cli"
+RDZV_PORT = 29500  # the rendezvous port on the first node; CMBENCH_RDZV_PORT overrides it when the job starts
+
+
+def launch_prefix(python: str, devices: int, nodes: int = 1) -> str:
+    """How a Snakemake rule starts the CLI: plain, torchrun with one process per device, or on several nodes one
+    torchrun per node started by srun (docs/cluster.md, "Data, memory and multi-node").
+
+    The rule runs inside the SLURM plugin's one-task srun step on the first node, which holds that node's CPUs and
+    GPUs: the inner step needs --overlap to share them, and --ntasks because the outer step's SLURM_NTASKS=1
+    would otherwise shrink it to one node.  The first host of the allocation hosts the rendezvous.
+    """
+    if nodes <= 1:
+        if devices <= 1:
+            return f"{python} -m common.cli"
+        return f"{python} -m torch.distributed.run --standalone --nproc_per_node {devices} -m common.cli"
+    host = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
+    endpoint = f'"{host}:${{CMBENCH_RDZV_PORT:-{RDZV_PORT}}}"'
+    srun = f"srun --overlap --nodes {nodes} --ntasks {nodes} --ntasks-per-node 1 --kill-on-bad-exit=1"
+    job_id = '"$SLURM_JOB_ID"'
+    return f"{srun} {torchrun_nodes(python, devices, nodes, endpoint, job_id)}"
+
+
+def torchrun_nodes(python: str, devices: int, nodes: int, endpoint: str, rdzv_id: str) -> str:
+    """One node's torchrun of a `nodes`-node job: c10d rendezvous at `endpoint` (host:port), job id `rdzv_id`."""
+    return (f"{python} -m torch.distributed.run --nnodes {nodes} --nproc_per_node {devices} --rdzv-backend c10d "
+            f"--rdzv-endpoint {endpoint} --rdzv-id {rdzv_id} -m common.cli")

@@ -126,7 +126,7 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     out = RunDir(out)
     method = build_method(run)
     _check_teacher_given(method, run, teacher_dir)
-    ranks, device = distributed.setup(run.train.device, run.train.devices)  # one process unless torchrun
+    ranks, device = distributed.setup(run.train.device, run.train.devices, run.train.nodes)  # 1 unless torchrun
     if ranks.is_main:
         _check_run_folder(out, run, archive_stale)
     else:
@@ -137,8 +137,9 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     tr = _build(run, method, data_path, teacher_dir, ranks, device, log)
     start, counters = _resume(tr, out, log)
     t = run.train
+    micro = f" ({tr.accum} micro-batches of {t.batch_per_gpu} per process)" if tr.accum > 1 else ""
     log(f"training {run.method} on {run.dataset} (seed {run.seed}): {tr.n_params:,} parameters, "
-        f"{t.iterations} iterations of batch {t.batch_size} on {describe(device)}")
+        f"{t.iterations} iterations of batch {t.batch_size}{micro} on {describe(device)}")
     batches = Batches.on(tr.data, run, device)
     _loop(tr, batches, out, start, counters, progress_bar, stop)
     if ranks.is_main:  # rank 0 alone writes the final weights; the others wait for them
@@ -165,6 +166,7 @@ class Trainer:
     target: torch.nn.Module | None  # CM's theta-, a copy the loss reads and the loop updates
     teacher: object | None  # what a distillation method distills
     amp: torch.autocast
+    accum: int  # micro-batches per process and step (train.batch_per_gpu)
 
     @property
     def n_params(self) -> int:
@@ -191,27 +193,29 @@ class Counters:
 
 @dataclass
 class Batches:
-    """The training set on the device; a step's batch is a pure function of (seed, step)."""
+    """The training set where it lies (a prepared file is memory-mapped: one copy per machine in the page cache);
+    a step's batch is a pure function of (seed, step), and only the rows a micro-batch takes are converted to
+    float32 (on the CPU, as the whole split used to be) and moved to the device."""
 
     data: Dataset
-    x: torch.Tensor
-    labels: torch.Tensor | None
+    labeled: bool  # the network reads labels
     batch_size: int
     seed: int
     device: torch.device
 
     @classmethod
     def on(cls, data: Dataset, run: RunConfig, device: torch.device) -> Batches:
-        x = data.x.to(device)
-        labels = data.labels.to(device) if (data.labels is not None and run.network.label_dim > 0) else None
-        return cls(data, x, labels, run.train.batch_size, run.seed, device)
+        labeled = data.labels is not None and run.network.label_dim > 0
+        return cls(data, labeled, run.train.batch_size, run.seed, device)
 
     def indices(self, step: int) -> torch.Tensor:
         """The whole batch of `step` (all ranks together)."""
         return batch_indices(len(self.data), self.batch_size, self.seed, step)
 
     def take(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.x[idx], (self.labels[idx] if self.labels is not None else None)
+        idx = idx.cpu()
+        x = self.data.rows(idx).to(self.device)
+        return x, (self.data.labels[idx].to(self.device) if self.labeled else None)
 
 
 @dataclass
@@ -269,7 +273,14 @@ def _build(run: RunConfig, method: Method, data_path: str | None, teacher_dir: s
         model.compile()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.train.amp == "bf16")
     return Trainer(run, method, data, ranks, device, model, init, extras, trainable, optimizer, ema, target,
-                   teacher, amp)
+                   teacher, amp, _accumulation(run))
+
+
+def _accumulation(run: RunConfig) -> int:
+    """Micro-batches per process and step: its share of the batch over train.batch_per_gpu (config-checked)."""
+    t = run.train
+    share = t.batch_size // (t.nodes * t.devices)
+    return share // (t.batch_per_gpu or share)
 
 
 def _init_from_teacher(model: torch.nn.Module, teacher_model: torch.nn.Module | None, run: RunConfig, log) -> None:
@@ -359,25 +370,45 @@ def _step(tr: Trainer, batches: Batches, step: int, counters: Counters, window: 
 
 
 def _gradients(tr: Trainer, batches: Batches, step: int) -> tuple[dict, torch.Tensor | None]:
-    """(loss terms, gradient norm) of `step`'s batch, with the gradients in place; norm None if non-finite."""
+    """(loss terms, gradient norm) of `step`'s batch, with the gradients in place; norm None if non-finite.
+
+    This rank runs its micro-batches (common/distributed.py: global micro-batch j has its own rows and seed),
+    autograd sums their gradients, and one all-reduce averages over every micro-batch of every rank.  A non-finite
+    loss in any micro-batch on any rank skips the step on all ranks.
+    """
     run, t = tr.run, tr.run.train
-    torch.manual_seed(distributed.rank_seed(step_seed(run.seed, step), tr.ranks.rank))
-    idx = distributed.shard(batches.indices(step), tr.ranks).to(tr.device)
-    x0, labels = batches.take(idx)
     for group in tr.optimizer.param_groups:
         group["lr"] = t.lr * min(1.0, (step + 1) / t.lr_warmup) if t.lr_warmup > 0 else t.lr
-    with tr.amp:
-        terms = tr.method.loss(tr.model, x0, progress=step / t.iterations, labels=labels,
-                               teacher=tr.teacher.with_labels(labels) if tr.teacher is not None else None,
-                               target=tr.target)
-    loss = terms["loss"]
     tr.optimizer.zero_grad(set_to_none=True)
-    if not distributed.all_true(bool(torch.isfinite(loss)), tr.ranks, tr.device):  # all ranks step or none
+    seed, parts, finite = step_seed(run.seed, step), [], True
+    for j, idx in distributed.micro_batches(batches.indices(step), tr.ranks, tr.accum):
+        torch.manual_seed(distributed.rank_seed(seed, j))
+        terms = _micro_loss(tr, batches, idx, step / t.iterations)
+        finite = bool(torch.isfinite(terms["loss"]))
+        if finite:
+            terms["loss"].backward()
+        parts.append(terms if tr.accum == 1 else {k: v.detach() for k, v in terms.items()})
+        if not finite:
+            break
+    terms = parts[0] if tr.accum == 1 else _mean_terms(parts)
+    if not distributed.all_true(finite, tr.ranks, tr.device):  # all ranks step or none
         return terms, None
-    loss.backward()
-    distributed.average_gradients(tr.trainable, tr.ranks)  # what DDP would do; see common/distributed.py
+    distributed.average_gradients(tr.trainable, tr.ranks, tr.accum)  # what DDP would do; common/distributed.py
     grad_norm = torch.nn.utils.clip_grad_norm_(tr.trainable, t.grad_clip or math.inf)
     return terms, grad_norm if bool(torch.isfinite(grad_norm)) else None
+
+
+def _micro_loss(tr: Trainer, batches: Batches, idx: torch.Tensor, progress: float) -> dict[str, torch.Tensor]:
+    x0, labels = batches.take(idx)
+    with tr.amp:
+        return tr.method.loss(tr.model, x0, progress=progress, labels=labels,
+                              teacher=tr.teacher.with_labels(labels) if tr.teacher is not None else None,
+                              target=tr.target)
+
+
+def _mean_terms(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each loss term's mean over the micro-batches, in float64 (as the ranks' means are taken when logging)."""
+    return {k: sum(p[k].double() for p in parts) / len(parts) for k in parts[0]}
 
 
 def _skip_nonfinite(tr: Trainer, step: int, counters: Counters, out: RunDir) -> None:
@@ -426,9 +457,10 @@ def _finish(tr: Trainer, batches: Batches, out: RunDir, log) -> None:
     """FLOPs of one iteration, run_info.json, then final.pt (which marks the run done)."""
     run, t = tr.run, tr.run.train
     digest = data_hash(tr.data)
-    x_first, labels_first = batches.take(batches.indices(0).to(tr.device))
-    flops = compute.train_iteration_flops(tr.method, tr.model, x_first, teacher=tr.teacher, target=tr.target,
-                                          labels=labels_first)
+    n_micro = tr.ranks.world_size * tr.accum  # counted on one micro-batch (FLOPs are linear in the batch): the
+    x_first, labels_first = batches.take(batches.indices(0)[:t.batch_size // n_micro])  # whole may not fit
+    flops = n_micro * compute.train_iteration_flops(tr.method, tr.model, x_first, teacher=tr.teacher,
+                                                    target=tr.target, labels=labels_first)
     seconds = _train_seconds(out.stats)
     n_params = tr.n_params
     # run_info.json before final.pt: final.pt marks the run done, so a kill between the two must not lose run_info

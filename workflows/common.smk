@@ -124,16 +124,31 @@ def _teacher_arg(w, input):
 
 
 def train_launcher(dataset, method, seed):
-    """The CLI, or torchrun with one process per device when the run's train.devices asks for several."""
+    """The CLI, torchrun with one process per device (train.devices), or on train.nodes > 1 one torchrun per node
+    started by srun (common/distributed.py: launch_prefix)."""
     from common.distributed import launch_prefix
 
-    return launch_prefix(sys.executable, run_config(dataset, method, seed).train.devices)
+    train = run_config(dataset, method, seed).train
+    return launch_prefix(sys.executable, train.devices, train.nodes)
 
 
 def train_gpus(dataset, method, seed):
-    """GPUs a training job asks for (the SLURM plugin's `gpu` resource): train.devices, none on device cpu."""
+    """GPUs a one-node training job asks for (the SLURM plugin's `gpu` resource: sbatch and step --gpus, a total):
+    train.devices; none on device cpu, and none on several nodes, which ask per node through `train_gres`."""
     train = run_config(dataset, method, seed).train
-    return 0 if train.device == "cpu" else train.devices
+    return 0 if train.device == "cpu" or train.nodes > 1 else train.devices
+
+
+def train_nodes(dataset, method, seed):
+    """Nodes a training job asks for (the plugin's `nodes` resource: sbatch --nodes): train.nodes."""
+    return run_config(dataset, method, seed).train.nodes
+
+
+def train_gres(dataset, method, seed):
+    """GPUs per node of a several-node training job (the plugin's `gres` resource, sbatch --gres=gpu:N, which
+    counts per node; `gpu` would count for the whole job and be asked again by the plugin's one-node step)."""
+    train = run_config(dataset, method, seed).train
+    return f"gpu:{train.devices}" if train.device != "cpu" and train.nodes > 1 else ""
 
 
 def _evaluate_inputs(w):

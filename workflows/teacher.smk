@@ -13,6 +13,8 @@ rule train_teacher:
     threads: CFG.workflow.train_threads
     resources:
         gpu=lambda w: train_gpus(w.dataset, "teacher", w.seed),
+        nodes=lambda w: train_nodes(w.dataset, "teacher", w.seed),
+        gres=lambda w: train_gres(w.dataset, "teacher", w.seed),
     conda:
         "envs/cmbench.yaml"
     log:

@@ -17,6 +17,8 @@ rule train_method:
     threads: CFG.workflow.train_threads
     resources:
         gpu=lambda w: train_gpus(w.dataset, w.method, w.seed),
+        nodes=lambda w: train_nodes(w.dataset, w.method, w.seed),
+        gres=lambda w: train_gres(w.dataset, w.method, w.seed),
     conda:
         "envs/cmbench.yaml"
     log:

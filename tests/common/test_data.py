@@ -378,6 +378,95 @@ def test_prepared_missing_or_truncated(tmp_path):
         load_prepared(path)
 
 
+def _u8_images(n: int, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    u8 = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    return Dataset(x=u8, labels=torch.arange(n) % 10, num_classes=10, kind="cifar10")
+
+
+def test_uint8_prepared_batches_equal_the_float_conversion_bitwise(tmp_path):
+    """8-bit images are stored as uint8 and converted per batch with `_from_uint8`'s arithmetic, bitwise."""
+    from common.data import PREPARED_FORMAT, _from_uint8
+    from common.train import Batches
+
+    u8 = _u8_images(40).store.numpy()
+    ds = _from_uint8(u8, np.arange(40) % 10, 10, "cifar10")
+    assert ds.store.dtype == torch.uint8
+    h = save_prepared(ds, tmp_path / "p.pt")
+    assert torch.load(tmp_path / "p.pt", weights_only=True)["format"] == PREPARED_FORMAT
+    back = load_prepared(tmp_path / "p.pt")
+    assert back.store.dtype == torch.uint8 and data_hash(back) == h and len(back) == 40
+    today = torch.from_numpy(u8).to(torch.float32) / 127.5 - 1.0  # what the loaders produced before (v1)
+    assert torch.equal(back.x, today)
+    batches = Batches(back, labeled=True, batch_size=16, seed=3, device=torch.device("cpu"))
+    for step in range(4):
+        idx = batches.indices(step)
+        x, y = batches.take(idx)
+        assert x.dtype == torch.float32 and torch.equal(x, today[idx]) and torch.equal(y, back.labels[idx])
+
+
+def test_v1_prepared_files_still_load(tmp_path):
+    """Files of the previous format (float32 x) load as they are, under their v1 hash."""
+    ds = _tiny()
+    record = {"format": "cmbench-prepared-v1", "kind": ds.kind, "num_classes": 2, "hash": data_hash(ds),
+              "x": ds.x, "labels": ds.labels}
+    torch.save(record, tmp_path / "v1.pt")
+    back = load_prepared(tmp_path / "v1.pt")
+    assert torch.equal(back.x, ds.x) and back.store.dtype == torch.float32
+
+
+def test_damaged_uint8_prepared_file_is_one_data_error(tmp_path):
+    path = tmp_path / "p.pt"
+    save_prepared(_u8_images(64), path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # inside the image bytes
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"p\.pt.*cmbench prepare") as e:
+        load_prepared(path)
+    assert "\n" not in str(e.value)
+
+
+_RSS_PROBE = """
+import sys, torch
+from common.data import load_prepared
+from common.train import Batches
+
+def anon():
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("RssAnon:"))
+
+ds = load_prepared(sys.argv[1])
+batches = Batches(ds, labeled=True, batch_size=256, seed=0, device=torch.device("cpu"))
+for step in range(50):
+    x, y = batches.take(batches.indices(step))
+    assert x.dtype == torch.float32 and x.shape == (256, 3, 32, 32) and y.shape == (256,)
+print(anon(), end=" ")
+ds.x  # the whole split as float32: the probe must see such a copy
+print(anon())
+"""
+
+
+@pytest.mark.slow
+def test_training_batches_cost_no_memory_per_image(tmp_path):
+    """A prepared file is memory-mapped and only a batch is converted: a process that loads 60,000 images and
+    takes batches holds no more anonymous memory (its own, not the shared page cache) than one with 2,000."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    anon = {}
+    for n in (2_000, 60_000):
+        path = tmp_path / f"{n}.pt"
+        save_prepared(_u8_images(n, seed=n), path)
+        out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(path)], cwd=root, capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        anon[n] = [int(v) for v in out.stdout.split()]
+    u8_bytes, f32_bytes = 60_000 * 3 * 32 * 32, 60_000 * 3 * 32 * 32 * 4
+    growth = anon[60_000][0] - anon[2_000][0]
+    assert growth < u8_bytes / 8, f"RssAnon grew by {growth / 2**20:.1f} MiB with the data set"
+    assert anon[60_000][1] - anon[60_000][0] > 0.9 * f32_bytes  # the probe does see a float copy
+
+
 # ---------------------------------------------------------------------------------------------------
 # Data order
 
