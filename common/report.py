@@ -4,13 +4,16 @@ The tidy CSV has one row per (dataset, method, seed, NFE, metric) with the proto
 beside the value, so any table can be rebuilt from it.  The tables follow the papers' Table 1: methods as rows,
 NFE as columns, the teacher as the reference row, each cell the mean over training seeds with a 95% bootstrap
 confidence interval, and a footer that states the protocol.  On paper tracks a "paper" column shows the
-published number beside ours (config/published_fid.csv).
+published number beside ours (config/published_fid.csv): each number carries a lettered footnote with its source
+and, where it differs from our run's, its setting (`variant`), and each method whose run departs from its paper's
+recipe carries a numbered row note (`note`), so an L2 row never sits unmarked beside an LPIPS number.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -106,6 +109,20 @@ def _fmt(mean, lo, hi, ci: bool) -> str:
     return f"{mean:.4g}" + (f" [{lo:.3g}, {hi:.3g}]" if ci and not pd.isna(lo) else "")
 
 
+class Cell(NamedTuple):
+    """A table cell with a footnote mark (a letter for a paper number's reference, a number for a row note)."""
+
+    text: str
+    mark: str = ""
+
+
+class Notes(NamedTuple):
+    """The footnotes of one table: paper references [(letter, text)] and row notes [(number, method, text)]."""
+
+    paper: list[tuple[str, str]]
+    rows: list[tuple[str, str, str]]
+
+
 def _published(published: pd.DataFrame | None, dataset: str) -> pd.DataFrame | None:
     if published is None:
         return None
@@ -113,51 +130,140 @@ def _published(published: pd.DataFrame | None, dataset: str) -> pd.DataFrame | N
     return sub if len(sub) else None
 
 
+def _text(value) -> str:
+    """A CSV field as text: '' for a missing value."""
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+
+
+def _letter(i: int) -> str:
+    """a, b, ..., z, aa, ab, ...: the footnote letter of the i-th paper reference."""
+    out = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        out = chr(ord("a") + r) + out
+    return out
+
+
+def row_notes(published: pd.DataFrame | None, dataset: str) -> dict[str, list[str]]:
+    """{method: its distinct `note`s, in file order}: the departures of our run from the paper's recipe."""
+    sub = _published(published, dataset)
+    if sub is None or "note" not in sub:
+        return {}
+    out: dict[str, list[str]] = {}
+    for method, note in zip(sub.method, sub.note, strict=True):
+        text = _text(note)
+        if text and text not in out.setdefault(method, []):
+            out[method].append(text)
+    return {m: n for m, n in out.items() if n}
+
+
+def _paper_reference(row) -> str:
+    """'source: variant' (the setting of the published number), or the source alone."""
+    source, variant = _text(row.get("source")), _text(row.get("variant"))
+    return f"{source}: {variant}" if source and variant else source or variant
+
+
+def _row_marks(df: pd.DataFrame, dataset: str, published: pd.DataFrame | None) -> list[tuple[str, str, str]]:
+    """[(number, method, note)] for the dataset's methods that have row notes, numbered in table order (the same
+    numbers in every table of the dataset)."""
+    notes = row_notes(published, dataset)
+    methods = [m for m in _method_order(df.loc[df.dataset == dataset, "method"].unique()) if m in notes]
+    return [(str(i), m, "; ".join(notes[m])) for i, m in enumerate(methods, start=1)]
+
+
 def _grid(df: pd.DataFrame, dataset: str, metric: str, published: pd.DataFrame | None):
-    """Header and rows of one table as strings: methods x NFE (x ours/paper on paper tracks)."""
+    """Header, rows and footnotes of one table: methods x NFE (x ours/paper on paper tracks)."""
     c = cells(df, dataset, metric)
     nfes = sorted(c.nfe.unique())
     paper = _published(published, dataset) if metric == PAPER_METRIC else None
+    if paper is not None:
+        paper = paper[paper.fid.notna() & paper.nfe.notna()]  # rows that carry only a note have no number
+    marks = {method: (n, method, text) for n, method, text in _row_marks(df, dataset, published)}
     header = ["method"]
     for n in nfes:
         header += [f"NFE {n}"] if paper is None else [f"NFE {n} ours", f"NFE {n} paper"]
-    rows = []
+    rows, refs, row_notes_here = [], {}, []
     for method in _method_order(c.method.unique()):
-        row = [method]
+        if method in marks:
+            row_notes_here.append(marks[method])
+        row = [Cell(method, marks[method][0] if method in marks else "")]
         for n in nfes:
             hit = c[(c.method == method) & (c.nfe == n)]
-            row.append(_fmt(*hit[["mean", "lo", "hi"]].iloc[0], ci=True) if len(hit) else "")
+            row.append(Cell(_fmt(*hit[["mean", "lo", "hi"]].iloc[0], ci=True) if len(hit) else ""))
             if paper is not None:
                 p = paper[(paper.method == method) & (paper.nfe == n)]
-                row.append(f"{p.fid.iloc[0]:.2f}" if len(p) else "")
+                if len(p):
+                    ref = _paper_reference(p.iloc[0])
+                    letter = refs.setdefault(ref, _letter(len(refs))) if ref else ""
+                    row.append(Cell(f"{p.fid.iloc[0]:.2f}", letter))
+                else:
+                    row.append(Cell(""))
         rows.append(row)
-    return header, rows
+    return header, rows, Notes([(letter, ref) for ref, letter in refs.items()], row_notes_here)
+
+
+def _fmt_md(cell) -> str:
+    cell = cell if isinstance(cell, Cell) else Cell(str(cell))
+    return cell.text + (f"<sup>{cell.mark}</sup>" if cell.mark else "")
 
 
 def _markdown_table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt_md(x) for x in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
+def _markdown_paper_notes(notes: Notes) -> str:
+    """The lettered references of the paper column (under its table)."""
+    if not notes.paper:
+        return ""
+    return "\n".join(["Paper numbers (config/published_fid.csv; source: setting where it differs from ours):", "",
+                      *[f"- <sup>{letter}</sup> {text}" for letter, text in notes.paper]])
+
+
+def _markdown_row_notes(marks: list[tuple[str, str, str]]) -> str:
+    """The numbered row notes: where our runs depart from their papers' recipes (once per dataset)."""
+    if not marks:
+        return ""
+    return "\n".join(["Row notes: where our runs depart from their paper's recipe (config/published_fid.csv, "
+                      "docs/methods.md):", "", *[f"- <sup>{n}</sup> {method}: {text}" for n, method, text in marks]])
+
+
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "{": r"\{",
-                  "}": r"\}", "$": r"\$", "^": r"\^{}", "~": r"\~{}"}
+                  "}": r"\}", "$": r"\$", "^": r"\^{}", "~": r"\~{}", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
 def _latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
 
 
-def _latex_table(header, rows, caption: str) -> str:
+def _fmt_tex(cell) -> str:
+    cell = cell if isinstance(cell, Cell) else Cell(str(cell))
+    return _latex_escape(cell.text) + (rf"\textsuperscript{{{_latex_escape(cell.mark)}}}" if cell.mark else "")
+
+
+def _latex_table(header, rows, caption: str, notes: Notes | None = None) -> str:
     spec = "l" + "r" * (len(header) - 1)
     out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
            " & ".join(_latex_escape(h) for h in header) + r" \\", r"\midrule"]
     for i, r in enumerate(rows):
-        out.append(" & ".join(_latex_escape(x) for x in r) + r" \\")
-        if i == 0 and r[0] == REFERENCE_METHOD:
+        out.append(" & ".join(_fmt_tex(x) for x in r) + r" \\")
+        if i == 0 and _cell_text(r[0]) == REFERENCE_METHOD:
             out.append(r"\midrule")
-    out += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{_latex_escape(caption)}}}", r"\end{table}"]
+    out += [r"\bottomrule", r"\end{tabular}"]
+    lines = [] if notes is None else (
+        [rf"\textsuperscript{{{_latex_escape(m)}}} {_latex_escape(t)}" for m, t in notes.paper]
+        + [rf"\textsuperscript{{{n}}} {_latex_escape(method)}: {_latex_escape(t)}" for n, method, t in notes.rows])
+    if lines:  # footnotes under the tabular: paper references (letters), then row notes (numbers)
+        out += [r"\par\smallskip", r"\begin{minipage}{\linewidth}\footnotesize\raggedright",
+                *[line + (r" \\" if i < len(lines) - 1 else "") for i, line in enumerate(lines)], r"\end{minipage}"]
+    out += [rf"\caption{{{_latex_escape(caption)}}}", r"\end{table}"]
     return "\n".join(out)
+
+
+def _cell_text(cell) -> str:
+    return cell.text if isinstance(cell, Cell) else str(cell)
 
 
 def _footer(df: pd.DataFrame, dataset: str, published: pd.DataFrame | None) -> str:
@@ -179,7 +285,8 @@ def _footer(df: pd.DataFrame, dataset: str, published: pd.DataFrame | None) -> s
     if len(ent):
         parts.append(f"true mixture entropy {ent.value.iloc[0]:.4f} nats (the NLL floor)")
     if _published(published, dataset) is not None:
-        parts.append("paper: published FID as quoted in config/published_fid.csv (each paper's own protocol)")
+        parts.append("paper: published FID as quoted in config/published_fid.csv (each paper's own protocol; "
+                     "letters: its source and setting; numbers: row notes)")
     return "Protocol: " + "; ".join(parts) + "."
 
 
@@ -235,10 +342,16 @@ def reports(df: pd.DataFrame, published: pd.DataFrame | None = None) -> tuple[st
     for dataset in sorted(df.dataset.unique()):
         footer = _footer(df, dataset, published)
         for metric in _shown(df, dataset):
-            header, rows = _grid(df, dataset, metric, published)
+            header, rows, notes = _grid(df, dataset, metric, published)
             title = f"{dataset}: {_label(df, dataset, metric)}"
             md += [f"## {title}", "", _markdown_table(header, rows), ""]
-            tex += ["", _latex_table(header, rows, f"{title}. {footer}")]
+            paper_md = _markdown_paper_notes(notes)
+            if paper_md:
+                md += [paper_md, ""]
+            tex += ["", _latex_table(header, rows, f"{title}. {footer}", notes)]
+        row_notes_md = _markdown_row_notes(_row_marks(df, dataset, published))
+        if row_notes_md:  # the same runs in every table of the dataset: their notes once, before the protocol
+            md += [row_notes_md, ""]
         md += [footer, ""]
         compute_md = _compute_markdown(comp, dataset)
         if compute_md:

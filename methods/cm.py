@@ -19,11 +19,17 @@ from core.jvp import SharedRandomness
 from core.losses import Distance, consistency_distance
 from core.ode import euler_step, heun_step
 from core.precond import CMDenoiser
-from core.samplers import consistency_multistep, multistep_sigmas
+from core.samplers import consistency_multistep, multistep_sigmas, released_ts_sigmas
 from core.schedules import karras_sigmas
 
 from .base import Method, Randn
 from .registry import register
+
+DEFAULT_MID_SIGMA = 0.821  # the 2-step level of iCT and ECT on CIFAR-10 (the quick tracks use it too)
+
+
+def _close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-9) for x, y in zip(a, b, strict=True))
 
 
 def sample_pairs(sigmas: torch.Tensor, n: int, device=None):
@@ -45,8 +51,13 @@ class ConsistencyModel(Method):
     """CM's parameterization and multistep sampler (Algorithm 1), shared by CD, CT, iCT and ECT.
 
     noise_scale: c_noise = noise_scale ln(sigma); 0.25 is EDM's (a teacher-initialized student starts as the
-    teacher), openai/consistency_models uses 250.  mid_sigmas: the sampler's intermediate levels (0.821 is the
-    2-step level of iCT and ECT on CIFAR-10); more steps than listed use a Karras grid.
+    teacher, and what the CIFAR-10 JAX code uses), the PyTorch openai/consistency_models (ImageNet-64, LSUN) uses
+    250.  mid_sigmas: the sampler's intermediate levels (0.821 is the 2-step level of iCT and ECT on CIFAR-10);
+    more steps than listed use a Karras grid.  ts, ts_levels: the same levels as openai/consistency_models'
+    `--ts 0,22,39 --steps 40` (indices into a Karras grid of ts_levels levels, from 0 = sigma_max to
+    ts_levels - 1 = sigma_min); when given they set mid_sigmas.  clip_denoised: clamp every x0 to [-1, 1] (the image
+    range) before it is re-noised and at the end, as the released sampler does; off by default because the
+    analytic mixture's data are not bounded.
     """
 
     sigma_data: float = SIGMA_DATA
@@ -54,12 +65,29 @@ class ConsistencyModel(Method):
     sigma_max: float = SIGMA_MAX
     rho: float = RHO
     noise_scale: float = 0.25
-    mid_sigmas: list[float] = field(default_factory=lambda: [0.821])
+    mid_sigmas: list[float] = field(default_factory=lambda: [DEFAULT_MID_SIGMA])
+    ts: list[int] = field(default_factory=list)
+    ts_levels: int | None = None
+    clip_denoised: bool = False
 
     def __post_init__(self):
         require_noise_range(self.sigma_min, self.sigma_max, self.sigma_data)
         require(self.rho > 0, "rho", "must be > 0")
         require(self.noise_scale > 0, "noise_scale", "must be > 0")
+        require(isinstance(self.clip_denoised, bool), "clip_denoised", "must be true or false")
+        if self.ts or self.ts_levels is not None:
+            levels = self.ts_levels
+            require(isinstance(levels, int) and levels >= 2, "ts_levels",
+                    "must be an integer >= 2 with ts (the released --steps: the Karras grid the indices point into)")
+            require(len(self.ts) >= 2 and self.ts[0] == 0 and self.ts[-1] == levels - 1
+                    and all(b > a for a, b in zip(self.ts[:-1], self.ts[1:], strict=True)), "ts",
+                    f"must increase from 0 (sigma_max) to ts_levels - 1 = {levels - 1} (sigma_min), as the released "
+                    f"--ts (e.g. [0, 22, 39] with ts_levels 40)")
+            mids = released_ts_sigmas(self.ts, levels, self.sigma_max, self.sigma_min, self.rho)
+            given = [float(v) for v in self.mid_sigmas]
+            require(given == [DEFAULT_MID_SIGMA] or _close(given, mids), "mid_sigmas",
+                    "give the intermediate levels either as mid_sigmas or as ts, not both")
+            object.__setattr__(self, "mid_sigmas", mids)  # the resolved config shows the levels the sampler uses
         levels = [self.sigma_max, *self.mid_sigmas]
         require(all(b < a for a, b in zip(levels[:-1], levels[1:], strict=True)) and levels[-1] > self.sigma_min,
                 "mid_sigmas", f"must descend inside ({self.sigma_min}, {self.sigma_max})")
@@ -69,7 +97,8 @@ class ConsistencyModel(Method):
 
     def sample(self, model, z, steps, *, randn: Randn, labels=None):
         sigmas = multistep_sigmas(steps, self.mid_sigmas, self.sigma_max, self.sigma_min, self.rho)
-        return consistency_multistep(lambda x, s: model(x, s, labels), z, sigmas, randn, self.sigma_min)
+        clip = (-1.0, 1.0) if self.clip_denoised else None
+        return consistency_multistep(lambda x, s: model(x, s, labels), z, sigmas, randn, self.sigma_min, clip=clip)
 
 
 @dataclass(frozen=True)

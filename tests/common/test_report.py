@@ -1,4 +1,5 @@
-"""The summary: bootstrap intervals, Table-1 layout with CIs, LaTeX escaping, the paper column, compute table."""
+"""The summary: bootstrap intervals, Table-1 layout with CIs, LaTeX escaping, the paper column with its footnotes
+(the setting of each published number, the departures of each run), compute table."""
 
 import json
 
@@ -59,7 +60,7 @@ def test_tables_have_teacher_first_cis_paper_column_and_escaped_latex(files):
     md, tex = reports(tidy(files), published)
     fid_table = md.split("## cifar10: Inception FID (torch-fidelity)")[1].split("##")[0]
     assert "| method | NFE 1 ours | NFE 1 paper | NFE 2 ours | NFE 2 paper |" in fid_table
-    assert "| ict | 6 [5, 7] | 2.83 |" in fid_table
+    assert "| ict | 6 [5, 7] | 2.83<sup>a</sup> |" in fid_table  # a: its source ("iCT")
     rows = [ln.split("|")[1].strip() for ln in fid_table.strip().splitlines()[2:] if ln.startswith("|")]
     assert rows == ["teacher", "ict", "sct"]
     assert "real-vs-real fd_cnn (real images as the samples, sets as stated): 1.5" in md
@@ -75,3 +76,66 @@ def test_write_summary_writes_every_file(files, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
     compute = pd.read_csv(tmp_path / "summary" / "compute.csv")
     assert len(compute) == len(files)
+
+
+def _paper_files(tmp_path):
+    out = []
+    for method in ("teacher", "cd", "ect"):
+        for nfe in (1, 2):
+            metrics = {"fd_cnn": 9.0 / nfe, "fid_torch_fidelity": 4.0 / nfe}
+            out.append(_write(tmp_path, "cifar10", method, 0, nfe, metrics))
+    return out
+
+
+def test_paper_column_marks_each_numbers_setting_and_each_rows_departure(tmp_path):
+    """An L2 run never sits unmarked beside an LPIPS number: each paper number carries a letter whose footnote gives
+    its source and setting (`variant`), and each method whose run departs from its paper's recipe carries a
+    numbered row note (`note`), in Markdown and in LaTeX, in every table of the dataset."""
+    rows = [("cd", 1, 3.55, "LPIPS", "CM", "L2 distance, not LPIPS; no x-flips"),
+            ("cd", 2, 2.93, "LPIPS", "CM", ""),
+            ("ect", 1, 3.86, "", "ECT", ""),
+            ("ect", 2, 2.15, "", "ECT", "lr_decay <= 16 & 50%"),
+            ("ctm", None, None, "", "CTM", "no GAN"),  # a note alone, for a method without a number or a run here
+            ("teacher", None, None, "", "EDM", "no augmentation")]
+    published = pd.DataFrame([{"dataset": "cifar10", "method": m, "nfe": n, "fid": f, "variant": v, "source": s,
+                               "note": note} for m, n, f, v, s, note in rows])
+    md, tex = reports(tidy(_paper_files(tmp_path)), published)
+    fid_table = md.split("## cifar10: Inception FID (torch-fidelity)")[1].split("\n\n")[1]
+    assert "| teacher<sup>1</sup> | 4 |  | 2 |  |" in fid_table  # note-only rows add no number
+    assert "| cd<sup>2</sup> | 4 | 3.55<sup>a</sup> | 2 | 2.93<sup>a</sup> |" in fid_table
+    assert "| ect<sup>3</sup> | 4 | 3.86<sup>b</sup> | 2 | 2.15<sup>b</sup> |" in fid_table
+    assert "- <sup>a</sup> CM: LPIPS" in md and "- <sup>b</sup> ECT\n" in md + "\n"
+    assert "- <sup>2</sup> cd: L2 distance, not LPIPS; no x-flips" in md
+    assert "- <sup>3</sup> ect: lr_decay <= 16 & 50%" in md and "ctm" not in md  # no ctm run: no note
+    assert md.count("- <sup>2</sup> cd:") == 1  # the row notes once per dataset
+    cnn_table = md.split("## cifar10: FD-CNN(cifar10)")[1].split("\n\n")[1]
+    assert "| cd<sup>2</sup> | 9 | 4.5 |" in cnn_table and "paper" not in cnn_table  # the same marks on every table
+    assert r"cd\textsuperscript{2} & 4 & 3.55\textsuperscript{a} & 2 & 2.93\textsuperscript{a} \\" in tex
+    assert r"\textsuperscript{a} CM: LPIPS \\" in tex
+    assert r"\textsuperscript{3} ect: lr\_decay \textless{}= 16 \& 50\%" in tex
+    assert tex.count(r"\textsuperscript{2} cd: L2 distance") == 2  # under each LaTeX table (floats stand alone)
+    # a published file without the note column still works: letters only
+    md_old, _ = reports(tidy(_paper_files(tmp_path)), published.drop(columns="note"))
+    assert "| cd | 4 | 3.55<sup>a</sup> |" in md_old and "Row notes" not in md_old
+
+
+def test_the_shipped_published_fids_parse_and_match_our_settings(files):
+    """config/published_fid.csv: every number has a source; ECT's CIFAR-10 comparator is its 200k-iteration result
+    (our config trains 200k); the CIFAR-10 sCT/sCD 1-step comparators are FastGen's reproduction in our setting
+    (EDM's DDPM++ in TrigFlow), the 2-step ones sCM's own network, marked so; the report renders all of it."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "config/published_fid.csv"
+    pub = pd.read_csv(path, comment="#")
+    assert list(pub.columns) == ["dataset", "method", "nfe", "fid", "variant", "source", "note"]
+    numbers = pub[pub.fid.notna()]
+    assert numbers.nfe.notna().all() and numbers.source.notna().all()
+    assert pub[pub.fid.isna()].note.notna().all()  # a row without a number exists for its note
+    fid = {(r.dataset, r.method, int(r.nfe)): r for r in numbers.itertuples()}
+    assert (fid["cifar10", "ect", 1].fid, fid["cifar10", "ect", 2].fid) == (3.86, 2.15)
+    assert "200k" in fid["cifar10", "ect", 1].variant
+    assert (fid["cifar10", "sct", 1].fid, fid["cifar10", "scd", 1].fid) == (3.23, 3.22)
+    assert "FastGen" in fid["cifar10", "sct", 1].source and "own TrigFlow" in fid["cifar10", "sct", 2].variant
+    assert all("LPIPS" in fid[k].variant for k in fid if k[1] in ("cd", "ct"))
+    md, tex = reports(tidy(files), pub)
+    assert "2.83<sup>" in md and "Row notes" in md and r"\textsuperscript{a}" in tex

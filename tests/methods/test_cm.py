@@ -10,6 +10,7 @@ import torch
 from common.models import build_backbone
 from core.backbone import MLP
 from core.conventions import ConvertedTeacher
+from core.errors import BadValue
 from core.gmm import GaussianMixture
 from core.precond import EDMDenoiser
 from methods.cm import CD, CT, sample_pairs
@@ -65,6 +66,7 @@ def test_registered_with_paper_defaults():
     assert (ct.s0, ct.s1, ct.mu0) == (2, 150, 0.9)
     for m in (cd, ct):
         assert (m.distance, m.noise_scale, m.mid_sigmas) == ("l2", 0.25, [0.821])
+        assert (m.ts, m.ts_levels, m.clip_denoised) == ([], None, False)  # the quick tracks' sampler
         assert (m.sigma_data, m.sigma_min, m.sigma_max, m.rho) == (0.5, SIGMA_MIN, SIGMA_MAX, RHO)
         assert [m.nfe(s) for s in (1, 2, 4)] == [1, 2, 4]
 
@@ -241,6 +243,86 @@ def test_sampler_against_algorithm_1(steps, mids):
         x0 = f(x0 + math.sqrt(tau**2 - SIGMA_MIN**2) * eps, tau)
     assert torch.allclose(out, x0, atol=1e-6)
     assert KnownF.calls == steps
+
+
+def _released_sigma(i, steps):
+    """openai/consistency_models `stochastic_iterative_sampler`: t = (t_max_rho + ts[i] / (steps - 1) *
+    (t_min_rho - t_max_rho)) ** rho, written out in float64 with t_min 0.002, t_max 80, rho 7."""
+    return (80.0 ** (1 / 7) + i / (steps - 1) * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+
+
+@pytest.mark.parametrize("ts,levels,sigma", [
+    ([0, 22, 39], 40, 1.38237),    # launch.sh: CD on ImageNet-64 (LPIPS and L2)
+    ([0, 106, 200], 201, 1.91284),  # launch.sh: CT on ImageNet-64
+    ([0, 11, 17], 18, 0.585348),  # consistency_models_cifar10 editing_multistep_sampling.ipynb (N = 18)
+])
+def test_released_ts_map_to_the_released_sigmas(ts, levels, sigma):
+    for cls in (CD, CT):
+        m = cls(ts=ts, ts_levels=levels)
+        assert m.mid_sigmas == pytest.approx([_released_sigma(ts[1], levels)], rel=1e-12)
+        assert m.mid_sigmas[0] == pytest.approx(sigma, abs=1e-5)
+        assert m.mid_sigmas == cls(**{k: getattr(m, k) for k in ("ts", "ts_levels", "mid_sigmas")}).mid_sigmas
+    # the released sampler stops at ts[-1] = sigma_min (noise sqrt(t_min^2 - t_min^2) = 0): steps = len(ts) - 1
+    probe = Probe()
+    CD(ts=ts, ts_levels=levels).sample(probe, torch.randn(3, 2), 2, randn=torch.randn_like)
+    assert [c[1][0].item() for c in probe.calls] == pytest.approx([80.0, _released_sigma(ts[1], levels)])
+
+
+def test_paper_tracks_use_the_released_sampler():
+    from pathlib import Path
+
+    from common.config import load_config, resolve_run
+    from common.models import build_method
+
+    root = Path(__file__).resolve().parents[2]
+    expected = {("cifar10", "cd"): 0.585348, ("cifar10", "ct"): 0.585348, ("imagenet64", "cd"): 1.38237,
+                ("imagenet64", "ct"): 1.91284}
+    for (dataset, name), sigma in expected.items():
+        m = build_method(resolve_run(load_config(root / f"config/{dataset}.yaml"), dataset, name, 0))
+        assert m.clip_denoised and m.mid_sigmas == [pytest.approx(sigma, abs=1e-5)], (dataset, name)
+
+
+@pytest.mark.parametrize("bad", [
+    {"ts": [0, 22, 39]},                      # no grid size
+    {"ts": [0, 22, 38], "ts_levels": 40},     # must end at sigma_min
+    {"ts": [1, 22, 39], "ts_levels": 40},     # must start at sigma_max
+    {"ts": [0, 22, 22, 39], "ts_levels": 40},  # must increase
+    {"ts_levels": 40},                        # a grid without indices
+    {"ts": [0, 22, 39], "ts_levels": 40, "mid_sigmas": [2.0]},  # two answers for one level
+])
+def test_bad_ts_are_one_line_errors(bad):
+    with pytest.raises(BadValue) as err:
+        CD(**bad)
+    assert err.value.key in ("ts", "ts_levels", "mid_sigmas")
+    assert not CD().clip_denoised and CD().ts == [] and CD().ts_levels is None  # defaults: the quick tracks' sampler
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_sampler_clamps_x0_before_renoising(steps):
+    """clip_denoised: every x0 is clamped to [-1, 1] (openai/consistency_models' `clip_denoised`), so the next level
+    re-noises the clamped x0 and the output stays in range; off, an x0 outside [-1, 1] passes through unchanged."""
+
+    def f(x, sigma):
+        return 3.0 * torch.tanh(x) + 0.01 * sigma[:, None]  # reaches +-3: far outside the image range
+
+    class KnownF(torch.nn.Module):
+        def forward(self, x, sigma, labels=None):
+            return f(x, sigma)
+
+    z = torch.randn(64, 2)
+    noises = [torch.randn(64, 2) for _ in range(steps - 1)]
+    mids = [0.821, 0.1]
+    for clip in (True, False):
+        draws = iter(noises)
+        out = CD(mid_sigmas=mids, clip_denoised=clip).sample(KnownF(), z, steps, randn=lambda like, d=draws: next(d))
+        ones = torch.ones(64)
+        x0 = f(80.0 * z, 80.0 * ones)
+        x0 = x0.clamp(-1, 1) if clip else x0
+        for tau, eps in zip(mids[: steps - 1], noises, strict=True):
+            x0 = f(x0 + math.sqrt(tau**2 - SIGMA_MIN**2) * eps, tau * ones)
+            x0 = x0.clamp(-1, 1) if clip else x0
+        assert torch.allclose(out, x0, atol=1e-6)
+        assert (out.abs().max() <= 1.0) == clip  # unclamped, 3 tanh(80 z) exceeds 1
 
 
 def _init_error(method, run, gmm, teacher_dir=None):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from core.backbone import MLP
 from core.conventions import edm_precond
+from core.errors import BadValue
 from methods.ect import ECT, ect_r, ect_stage
 from methods.registry import get_method_class
 
@@ -57,22 +58,56 @@ def test_registered_with_paper_defaults():
     m = get_method_class("ect")()
     assert isinstance(m, ECT) and m.default_init == "teacher" and not m.needs_teacher
     assert (m.P_mean, m.P_std, m.q, m.k, m.b, m.stages, m.huber_c) == (-1.1, 2.0, 2.0, 8.0, 1.0, 8, 0.0)
-    assert m.weighting == "inv_dt" and m.mid_sigmas == [0.821] and m.noise_scale == 0.25
+    assert m.weighting == "inv_dt" and m.mid_sigmas == [0.821] and m.noise_scale == 0.25 and m.precond == "cm"
+    assert m.ts == [] and m.ts_levels is None and not m.clip_denoised  # ECT's generator_fn does not clamp
     assert m.target_decay(0.5) is None and m.nfe(1) == 1 and m.nfe(2) == 2
     run = make_run("ect", params={"mid_sigmas": [1.5, 0.3], "weighting": "snrpk", "huber_c": 0.06, "stages": 4})
     assert run.method_params["mid_sigmas"] == [1.5, 0.3]
 
 
-def test_boundary_condition_exact_and_edm_switch():
+def test_preconditioning_variants():
+    """cm: the boundary condition always; ecm (locuslab/ect main, ECMPrecond): EDM's coefficients while training,
+    the boundary ones at evaluation; edm (imgnet branch, EDM2's Precond): EDM's coefficients always."""
     x = torch.randn(6, 2)
-    for flag in (False, True):
-        model = ECT(edm_precond_in_training=flag).build_model(ConstantNet(0.7)).eval()
-        assert torch.equal(model(x, 0.002), x)  # c_skip = 1, c_out = 0 exactly
-    model = ECT(edm_precond_in_training=True).build_model(ConstantNet(0.7)).train()
     sigma = torch.tensor([0.002, 0.1, 1.0, 10.0, 80.0, 0.5])
     c_skip, c_out, _, _ = edm_precond(sigma[:, None])
-    assert torch.allclose(model(x, sigma), c_skip * x + c_out * 0.7, atol=1e-6)  # ECMPrecond's training branch
-    assert not ECT().build_model(ConstantNet()).edm_in_training  # off by default: the boundary condition always
+    edm = c_skip * x + c_out * 0.7
+    for precond in ("cm", "ecm"):
+        model = ECT(precond=precond).build_model(ConstantNet(0.7)).eval()
+        assert torch.equal(model(x, 0.002), x)  # c_skip = 1, c_out = 0 exactly
+        assert not torch.allclose(model(x, sigma), edm, atol=1e-6)
+    assert torch.allclose(ECT(precond="ecm").build_model(ConstantNet(0.7)).train()(x, sigma), edm, atol=1e-6)
+    assert torch.equal(ECT().build_model(ConstantNet(0.7)).train()(x, 0.002), x)  # cm: also in training
+    for mode in ("train", "eval"):
+        model = getattr(ECT(precond="edm").build_model(ConstantNet(0.7)), mode)()
+        assert torch.allclose(model(x, sigma), edm, atol=1e-6)  # no boundary shift anywhere
+    assert ECT().precond == "cm"  # the default keeps the boundary condition
+    for bad in ({"precond": "edm2"}, {"weighting": "c_out"}, {"P_mean": float("nan")}):
+        with pytest.raises(BadValue) as err:
+            ECT(**bad)
+        assert err.value.key == next(iter(bad))
+
+
+def test_imagenet64_paper_track_runs_ects_imagenet_recipe():
+    """config/imagenet64.yaml's ect entry is the imgnet branch's recipe (run_imgnet_ecm.sh, preset edm2-img64-s):
+    q 4 over 4 stages, snrpk weighting, c 0.06, P_mean -0.8, P_std 1.6, EDM coefficients, 2-step sigma 1.526; Adam
+    with betas (0.9, 0.99).  The CIFAR-10 entry is the main branch's (q 2 over 8 stages, 1/(t - r), ECMPrecond)."""
+    from pathlib import Path
+
+    from common.config import load_config, resolve_run
+    from common.models import build_method
+
+    root = Path(__file__).resolve().parents[2]
+    run = resolve_run(load_config(root / "config/imagenet64.yaml"), "imagenet64", "ect", 0)
+    m = build_method(run)
+    assert (m.q, m.stages, m.k, m.b, m.weighting, m.huber_c) == (4.0, 4, 8.0, 1.0, "snrpk", 0.06)
+    assert (m.P_mean, m.P_std, m.precond, m.mid_sigmas) == (-0.8, 1.6, "edm", [1.526])
+    assert m.q**m.stages == ECT().q ** ECT().stages  # the last stage's dt/t is the same: 4^4 = 2^8
+    assert (run.train.optimizer, run.train.betas) == ("adam", [0.9, 0.99])
+    run = resolve_run(load_config(root / "config/cifar10.yaml"), "cifar10", "ect", 0)
+    m = build_method(run)
+    assert (m.q, m.stages, m.weighting, m.huber_c, m.precond, m.mid_sigmas) == (2.0, 8, "inv_dt", 0.0, "ecm", [0.821])
+    assert run.train.iterations == 200_000  # config/published_fid.csv quotes ECT's 200k numbers for this row
 
 
 @pytest.mark.parametrize("stage", [0, 1, 3, 7, 12])
