@@ -242,6 +242,12 @@ class TrainSpec:
     # Data-parallel processes (one per GPU; gloo processes on CPU), launched by torchrun (common/distributed.py);
     # batch_size is the global batch.  Left out of config.json at 1, so runs made before it existed stay valid.
     devices: int = field(default=1, metadata={"omit_if_default": True})
+    # Nodes of `devices` processes each (torchrun per node, started by srun; common/distributed.py): world size
+    # nodes x devices.  Left out of config.json at 1.
+    nodes: int = field(default=1, metadata={"omit_if_default": True})
+    # Micro-batch per process (None: its whole share, batch_size / (nodes x devices)); a process accumulates the
+    # gradients of its share's micro-batches, bitwise as if they ran on that many more processes (docs/cluster.md).
+    batch_per_gpu: int | None = field(default=None, metadata={"omit_if_default": True})
     # GPU speed switches (benchmarks/results.md, "GPU plan"); results equal the plain path within rounding
     # (tests/common/test_gpu_options.py).  Left out of config.json when off, so older runs stay valid.
     channels_last: bool = field(default=False, metadata={"omit_if_default": True})  # NHWC UNet activations
@@ -256,8 +262,15 @@ class TrainSpec:
         require(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         require(self.max_nonfinite >= 1, "max_nonfinite", "must be >= 1")
         require(self.devices >= 1, "devices", "must be >= 1")
-        require(self.batch_size % self.devices == 0, "batch_size",
-                f"must be a multiple of train.devices ({self.devices}): each process takes an equal share")
+        require(self.nodes >= 1, "nodes", "must be >= 1")
+        world = self.nodes * self.devices
+        require(self.batch_size % world == 0, "batch_size",
+                f"must be a multiple of train.devices x train.nodes ({self.devices} x {self.nodes}): each process "
+                "takes an equal share")
+        share = self.batch_size // world
+        require(self.batch_per_gpu is None or (self.batch_per_gpu >= 1 and share % self.batch_per_gpu == 0),
+                "batch_per_gpu", f"must divide each process's share of the batch, batch_size / (devices x nodes) = "
+                f"{self.batch_size} / {world} = {share}")
         require(self.ema_halflife_kimg >= 0, "ema_halflife_kimg", "must be >= 0")
         require(not self.fused_optimizer or self.optimizer == "adam", "fused_optimizer",
                 "only optimizer: adam has a fused kernel (set fused_optimizer: false for radam)")
@@ -300,15 +313,25 @@ class InceptionSpec:
     """
 
     enabled: bool = False
-    n: int = 1000  # images per FID: samples, reference set, and the second real set of the real-vs-real baseline
+    n: int = 1000  # samples per FID (each row scores the first n samples of its samples file)
+    # Reference statistics: n_reference training images (a seeded random subset), None: the whole train split (as
+    # EDM and the CM papers compute CIFAR-10 FID), less the baseline images when baseline is 'disjoint'.
+    n_reference: int | None = None
+    # The real-vs-real floor: 'test_split' scores n_baseline test-split images (None: min(n, the split's size))
+    # against the reference; 'disjoint' scores n_baseline training images outside the reference (None: n).
+    # None: 'test_split' where the data kind has a test split (cifar10, mnist, fashion_mnist), else 'disjoint'.
+    baseline: Literal["test_split", "disjoint"] | None = None
+    n_baseline: int | None = None
     # the official torch-fidelity file, or 'default_1' (opt-in); None: $CMBENCH_INCEPTION_WEIGHTS
     weights: str | None = None
     batch_size: int = 50
-    seed: int = 0  # which real images form the reference set and the baseline set
+    seed: int = 0  # which real images form a reference subset and a baseline subset
     steps: list[int] | None = None  # score only rows sampled with these step counts (None: every row)
 
     def __post_init__(self):
         require(self.n >= 2, "n", "must be >= 2")
+        require(self.n_reference is None or self.n_reference >= 2, "n_reference", "must be >= 2 (or null)")
+        require(self.n_baseline is None or self.n_baseline >= 2, "n_baseline", "must be >= 2 (or null)")
         require(self.steps is None or all(s >= 1 for s in self.steps), "steps", "values must be >= 1")
         require(self.batch_size >= 1, "batch_size", "must be >= 1")
 
@@ -348,9 +371,14 @@ class WorkflowSpec:
     # CPU threads per training job. Small networks scale poorly with threads: on 2 cores two 1-thread jobs side
     # by side finish sooner than two 2-thread jobs in turn (the quick track sets 1).
     train_threads: int = 2
+    # Device of the sampling, feature and scoring jobs (auto | cpu | cuda | cuda:N); anything but cpu asks the
+    # scheduler for one GPU per job. Not part of any run's config: changing it rescores nothing and retrains nothing.
+    eval_device: str = "auto"
 
     def __post_init__(self):
         require(self.train_threads >= 1, "train_threads", "must be >= 1")
+        require(self.eval_device in ("auto", "cpu") or self.eval_device.startswith("cuda"), "eval_device",
+                "must be auto, cpu, cuda or cuda:N")
 
 
 @dataclass

@@ -130,3 +130,21 @@ def test_paper_tracks_train_in_float32_on_cuda(track):
         for method in track.methods:
             train = resolve_run(track, name, method, 0).train
             assert (train.amp, train.device) == ("none", "cuda"), (name, method)
+
+
+def test_a_reference_larger_than_the_data_stops_the_dry_run(tmp_path):
+    """The full track's sizes are checked against CIFAR-10's known split sizes before any job runs."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    data = yaml.safe_load((ROOT / "config/cifar10.yaml").read_text())
+    data["datasets"]["cifar10"]["inception"]["n_reference"] = 60000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([str(Path(sys.executable).parent / "snakemake"), "-n", "--cores", "1", "all",
+                           "--configfile", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "datasets.cifar10.inception.n_reference = 60000 but the cifar10 train split has 50000 images" in (
+        proc.stdout + proc.stderr)

@@ -9,6 +9,7 @@ import yaml
 
 from common.config import config_from_data, resolve_run, to_dict
 from common.data import MNIST_WHEEL
+from common.eval_sizes import check_config
 from core.errors import CmbenchError
 from common.report import SUMMARY_NAMES
 from common.records import (
@@ -28,6 +29,7 @@ from snakemake.exceptions import WorkflowError
 
 try:
     CFG = config_from_data(config, "workflow config")
+    check_config(CFG, "workflow config")  # reference and sample counts fit the data, before any job runs
 except CmbenchError as e:
     raise WorkflowError(str(e)) from None
 
@@ -68,6 +70,12 @@ def config_hash(dataset, method, seed):
     """Changes whenever the run's resolved config changes: a params rerun trigger for Snakemake."""
     text = json.dumps(to_dict(run_config(dataset, method, seed)), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Sampling, feature and scoring jobs: on workflow.eval_device, with one GPU unless it is cpu, and as many CPU threads
+# as the job was given (SLURM's allocation on a cluster, the rule's threads locally).
+EVAL_DEVICE = CFG.workflow.eval_device
+EVAL_GPUS = 0 if EVAL_DEVICE == "cpu" else 1
 
 
 def run_dir(dataset, method, seed):

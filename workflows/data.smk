@@ -43,13 +43,15 @@ rule feature_net:
         cmbench=CMBENCH,
         spec=lambda w: json.dumps(to_dict(CFG.datasets[w.dataset].eval.fd_cnn), sort_keys=True),
     threads: 2
+    resources:
+        gpu=EVAL_GPUS,
     conda:
         "envs/cmbench.yaml"
     log:
         "results/logs/features/{dataset}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} features --config {CONFIG_FILE} --dataset {wildcards.dataset} "
-        "--data {input} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} features --config {CONFIG_FILE} --dataset {wildcards.dataset} "
+        "--data {input} --device {EVAL_DEVICE} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output} > {log} 2>&1"
 
 
 # Opt-in per dataset (datasets.<name>.inception.enabled): Inception statistics of N real images for both FID
@@ -67,10 +69,13 @@ rule inception_reference:
             sort_keys=True,
         ),
     threads: 2
+    resources:
+        gpu=EVAL_GPUS,
     conda:
         "envs/cmbench.yaml"
     log:
         "results/logs/inception_ref/{dataset}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} inception-ref --config {CONFIG_FILE} "
-        "--dataset {wildcards.dataset} --data {input} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} inception-ref --config {CONFIG_FILE} "
+        "--dataset {wildcards.dataset} --data {input} --device {EVAL_DEVICE} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output} "
+        "> {log} 2>&1"

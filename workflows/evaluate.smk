@@ -11,10 +11,12 @@ rule evaluate:
         cmbench=CMBENCH,
         extra=_evaluate_args,
     threads: 1
+    resources:
+        gpu=EVAL_GPUS,
     conda:
         "envs/cmbench.yaml"
     log:
         "results/logs/evaluate/{dataset}/{method}/seed{seed}/steps{steps}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} evaluate --samples {input.samples} {params.extra} --device cpu "
-        "--out {output.metrics} --grid {output.grid} > {log} 2>&1"
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} evaluate --samples {input.samples} {params.extra} "
+        "--device {EVAL_DEVICE} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output.metrics} --grid {output.grid} > {log} 2>&1"

@@ -13,10 +13,13 @@ rule sample:
         seed=lambda w: run_config(w.dataset, w.method, w.seed).eval.seed,
         batch=lambda w: run_config(w.dataset, w.method, w.seed).eval.batch_size,
     threads: 1
+    resources:
+        gpu=EVAL_GPUS,
     conda:
         "envs/cmbench.yaml"
     log:
         "results/logs/sample/{dataset}/{method}/seed{seed}/steps{steps}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} sample --run {params.run} --steps {wildcards.steps} --n {params.n} "
-        "--seed {params.seed} --batch-size {params.batch} --out {output} > {log} 2>&1"
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} sample --run {params.run} --steps {wildcards.steps} "
+        "--n {params.n} --seed {params.seed} --batch-size {params.batch} --device {EVAL_DEVICE} "
+        "--threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output} > {log} 2>&1"

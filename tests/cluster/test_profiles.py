@@ -26,8 +26,9 @@ def test_slurm_profile_names_real_rules_and_resumes():
     assert profile["executor"] == "slurm" and profile["retries"] >= 1 and profile["slurm-requeue"] is True
     rules = profile["set-resources"]
     assert set(rules) <= _rule_names(), set(rules) - _rule_names()
+    for rule in rules:  # GPUs come from the config: train.devices x train.nodes, and workflow.eval_device
+        assert "gpu" not in rules[rule] and "gres" not in rules[rule], rule
     for train in ("train_teacher", "train_method"):
-        assert "gpu" not in rules[train], "the training rules ask for train.devices GPUs themselves"
         # no `B:`: the signal must reach the job step's processes (the trainer), not only the batch shell
         assert re.fullmatch(r"'--signal=USR1@\d+'", rules[train]["slurm_extra"])
         assert rules[train]["runtime"] * 60 > int(rules[train]["slurm_extra"].split("@")[1].rstrip("'"))
