@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 from core.errors import CmbenchError
 
 from .fsutil import atomic_write_json, check_writable
 
 
-def _dataset_entry(args, list_defined: bool = False):
-    """The config entry of --dataset in --config; `list_defined` names the defined datasets in the error."""
-    from .config import load_config
-
-    config = load_config(args.config)
+def _dataset_entry(args, list_defined: bool = False, config=None):
+    """The config entry of --dataset in --config (or in `config`, already loaded); `list_defined` names the
+    defined datasets in the error."""
+    config = config or _config(args)
     if args.dataset not in config.datasets:
         defined = f" (defined: {', '.join(sorted(config.datasets))})" if list_defined else ""
         raise CmbenchError(f"{args.config}: unknown dataset '{args.dataset}'{defined}")
     return config.datasets[args.dataset]
+
+
+def _device(args):
+    """--threads (torch's CPU threads, so a job uses what it was allocated) and --device (auto: CUDA if any)."""
+    import torch
+
+    from .device import resolve_device
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CmbenchError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
 
 
 def _dataset(args, entry):
@@ -43,28 +54,46 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_features(args) -> None:
-    from .device import resolve_device
     from .metrics.fd_cnn import save_classifier
 
     entry = _dataset_entry(args)
+    device = _device(args)
     ds = _dataset(args, entry)
-    acc = save_classifier(ds, entry.eval.fd_cnn, args.out, resolve_device(args.device))
+    acc = save_classifier(ds, entry.eval.fd_cnn, args.out, device)
     print(f"wrote {args.out}: FD-CNN({args.dataset}) classifier, training accuracy {acc:.4f}")
 
 
 def cmd_inception_ref(args) -> None:
-    from .device import resolve_device
+    import dataclasses
+
+    from .data import load_dataset
+    from .eval_sizes import baseline_kind, check_config, inception_plan, split_size
     from .metrics.inception_fid import build_reference
 
-    entry = _dataset_entry(args)
-    if entry.data.kind == "gmm":
-        raise CmbenchError(f"{args.config}: dataset '{args.dataset}' holds points; Inception FID is for images")
+    config = _config(args)
+    entry = _dataset_entry(args, config=config)
+    option = f"datasets.{args.dataset}.inception"
+    check_config(config, args.config, [args.dataset])
+    spec = entry.inception
+    # the sizes the config alone can tell (an image folder's only once read): before any data is loaded
+    inception_plan(spec, entry.data.kind, split_size(entry.data, "train"), split_size(entry.data, "test"),
+                   f"{args.config}: {option}")
     check_writable(args.out)
+    device = _device(args)
     ds = _dataset(args, entry)
-    meta = build_reference(ds, entry.inception, f"datasets.{args.dataset}.inception", args.out, args.cache,
-                           resolve_device(args.device))
-    print(f"wrote {args.out}: {meta['weights_label']}, N = {meta['n']}, real-vs-real FID torch-fidelity "
-          f"{meta['fid_torch_fidelity_real']:.4g}, clean-fid {meta['fid_clean_fid_real']:.4g}")
+    test = None
+    if baseline_kind(spec, entry.data.kind) == "test_split":  # read from the source: prepared files hold train
+        test = load_dataset(dataclasses.replace(entry.data, split="test"))
+    meta = build_reference(ds, spec, f"{args.config}: {option}", args.out, args.cache, device, test=test)
+    print(f"wrote {args.out}: {meta['weights_label']}; reference: {meta['reference_text']}; floor: "
+          f"{meta['baseline_text']}: torch-fidelity {meta['fid_torch_fidelity_real']:.4g}, clean-fid "
+          f"{meta['fid_clean_fid_real']:.4g}")
+
+
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config)
 
 
 def cmd_train(args) -> None:
@@ -80,48 +109,98 @@ def cmd_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    from . import shards
     from .compute import sampling_compute
     from .config import to_dict
-    from .device import resolve_device
+    from .data import sha256_file
     from .models import load_trained
-    from .records import write_samples
-    from .sample import generate
+    from .progress import Progress
+    from .records import RunDir, write_samples
+    from .sample import generate_sharded
 
     if args.steps < 1:
         raise CmbenchError(f"--steps must be >= 1, got {args.steps}")
     if args.n < 1:
         raise CmbenchError(f"--n must be >= 1, got {args.n}")
+    if args.shard_size is not None and args.shard_size < 1:
+        raise CmbenchError(f"--shard-size must be >= 1, got {args.shard_size}")
     check_writable(args.out)
-    device = resolve_device(args.device)
+    device = _device(args)
     run, method, model, item_shape = load_trained(args.run, device, args.weights)
-    batch = args.batch_size or run.eval.batch_size
-    tick = time.perf_counter()
-    samples, latents, labels = generate(method, model, item_shape, args.n, args.steps, args.seed, batch, device,
-                                        run.network.label_dim)
-    seconds = time.perf_counter() - tick
+    batch = run.eval.batch_size if args.batch_size is None else args.batch_size
+    if batch < 1:
+        raise CmbenchError(f"--batch-size must be >= 1, got {batch}")
+    # what a shard left by a killed attempt must share to be kept (its range is added per shard)
+    key = {"format": 1, "run": to_dict(run), "final_sha256": sha256_file(RunDir(args.run).final),
+           "weights": args.weights, "steps": args.steps, "seed": args.seed, "device": device.type}
+    parts = shards.folder_beside(args.out, ".parts")
+    with Progress(args.n, f"sampling {args.steps} steps") as progress:
+        samples, latents, labels, seconds = generate_sharded(
+            method, model, item_shape, args.n, args.steps, args.seed, batch, device, run.network.label_dim, parts,
+            key, args.shard_size, progress)
     meta = {"run": to_dict(run), "run_dir": str(args.run), "steps": args.steps, "nfe": method.nfe(args.steps),
             "sample_seed": args.seed, "weights": args.weights, "start_sigma": method.start_sigma,
             "compute": sampling_compute(args.run, method, model, item_shape, args.steps, device,
                                         run.network.label_dim, seconds / args.n)}
-    write_samples(args.out, samples.numpy(), latents.numpy(), labels.numpy() if labels is not None else None, meta)
+    write_samples(args.out, samples, latents, labels, meta)
+    shards.remove(parts)  # only now: the samples file holds every shard
     print(f"wrote {args.out}: {args.n} samples, {args.steps} steps = {meta['nfe']} NFE")
 
 
 def cmd_evaluate(args) -> None:
-    from .device import resolve_device
+    from . import shards
     from .evaluate import evaluate
     from .grids import save_grid
 
     check_writable(args.out)
+    features_dir = shards.folder_beside(args.out, ".features")
+    if args.samples_external is not None:
+        return _evaluate_external(args, features_dir)
+    for flag in ("reference_stats", "inception_weights", "n", "batch_size"):
+        if getattr(args, flag) is not None:
+            raise CmbenchError(f"--{flag.replace('_', '-')} goes with --samples-external (a samples file is scored "
+                               f"against --inception-ref)")
     if args.grid:
         check_writable(args.grid)
-    result = evaluate(args.samples, args.cache, resolve_device(args.device), data_path=args.data,
-                      feature_net=args.feature_net, inception_ref=args.inception_ref)
+    result = evaluate(args.samples, args.cache, _device(args), data_path=args.data, feature_net=args.feature_net,
+                      inception_ref=args.inception_ref, features_dir=features_dir)
     atomic_write_json(args.out, result)
+    shards.remove(features_dir)  # only now: the metrics file holds what the cached features gave
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items() if isinstance(v, float | int))
     print(f"{result['method']}/{result['dataset']} NFE {result['nfe']}: {shown}")
     if args.grid:  # the picture comes with the score: one process (and one torch import) less per samples file
         save_grid(args.samples, args.grid)
+
+
+def _evaluate_external(args, features_dir) -> None:
+    """An external sample set (npz arr_0, PNG folder, samples file) against given mu/sigma statistics."""
+    from . import shards
+    from .metrics import external, inception
+
+    if args.reference_stats is None:
+        raise CmbenchError("--samples-external needs --reference-stats (an .npz with mu and sigma, e.g. EDM's "
+                           "cifar10-32x32.npz)")
+    for flag in ("inception_ref", "grid", "data", "feature_net"):
+        if getattr(args, flag) is not None:
+            raise CmbenchError(f"--{flag.replace('_', '-')} is for cmbench samples files (--samples), not with "
+                               f"--samples-external")
+    if args.n is not None and args.n < 2:
+        raise CmbenchError(f"--n must be >= 2, got {args.n}")
+    batch_size = 50 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise CmbenchError(f"--batch-size must be >= 1, got {batch_size}")
+    reference = external.load_stats(args.reference_stats)  # malformed files fail before any network is built
+    samples = external.load_images(args.samples_external)
+    if args.n is not None:
+        if args.n > len(samples.images):
+            raise CmbenchError(f"--n {args.n} but {args.samples_external} holds {len(samples.images)} images")
+        samples.images = samples.images[: args.n]
+    weights = inception.resolve_weights(args.inception_weights, "--inception-weights", args.cache)
+    result = external.score_external(samples, reference, weights, _device(args), batch_size, features_dir)
+    atomic_write_json(args.out, result)
+    shards.remove(features_dir)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result["metrics"].items())
+    print(f"{args.samples_external} ({result['n_samples']} images) vs {args.reference_stats}: {shown}")
 
 
 def cmd_grid(args) -> None:
@@ -148,6 +227,11 @@ def cmd_track(args) -> None:
     print(f"MLflow: {len(ids)} runs in experiment '{args.experiment}' ({uri}); in the UI open {ui_path(exp_id)}")
 
 
+def _device_args(s) -> None:
+    s.add_argument("--device", default="auto", help="auto (CUDA when the job has a GPU), cpu, cuda or cuda:N")
+    s.add_argument("--threads", type=int, help="CPU threads for torch (default: $OMP_NUM_THREADS or all cores)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cmbench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dataset", required=True)
     s.add_argument("--data", help="prepared data file (default: read the dataset from its source)")
     s.add_argument("--out", required=True, help="classifier weights, e.g. data/features/digits/fdcnn.pt")
-    s.add_argument("--device", default="auto")
+    _device_args(s)
     s.set_defaults(func=cmd_features)
 
     s = sub.add_parser("inception-ref", help="Inception reference statistics and real-vs-real FID of a dataset")
@@ -172,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="prepared data file (default: read the dataset from its source)")
     s.add_argument("--out", required=True, help="reference file, e.g. data/features/mnist/inception_ref.npz")
     s.add_argument("--cache", default="data/cache", help="folder for the converted default_1 weights")
-    s.add_argument("--device", default="auto")
+    _device_args(s)
     s.set_defaults(func=cmd_inception_ref)
 
     s = sub.add_parser("train", help="train one (dataset, method, seed); rerun the same command to resume")
@@ -195,19 +279,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="samples file (.npz)")
     s.add_argument("--batch-size", type=int)
     s.add_argument("--weights", default="ema", choices=["ema", "model"])
-    s.add_argument("--device", default="auto")
+    s.add_argument("--shard-size", type=int, help="images per resumable shard in <out>.parts/ (rounded up to a "
+                   "multiple of the batch size; default about 1000); the samples do not depend on it")
+    _device_args(s)
     s.set_defaults(func=cmd_sample)
 
-    s = sub.add_parser("evaluate", help="score a samples file (exact metrics on gmm, FD-CNN on images)")
-    s.add_argument("--samples", required=True)
-    s.add_argument("--out", required=True, help="metrics file (.json)")
+    s = sub.add_parser("evaluate", help="score a samples file (exact metrics on gmm, FD-CNN on images), or an "
+                       "external sample set against given Inception statistics")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--samples", help="samples file from `cmbench sample`")
+    which.add_argument("--samples-external", help="a sample set scored against --reference-stats: an .npz with "
+                       "arr_0 (uint8 [N, H, W, C], EDM/ADM dumps), a folder of PNGs, or a samples file")
+    s.add_argument("--out", required=True, help="metrics file (.json); Inception features are cached in "
+                   "<out>.features/ until it is written, so a rerun resumes")
     s.add_argument("--grid", help="also draw the samples to this PNG (as `cmbench grid`)")
     s.add_argument("--data", help="prepared data file (reference images; default: read from the source)")
     s.add_argument("--feature-net", help="FD-CNN classifier from `cmbench features` (default: train into --cache)")
-    s.add_argument("--cache", default="data/cache", help="folder for cached FD-CNN classifiers")
+    s.add_argument("--cache", default="data/cache", help="folder for cached FD-CNN classifiers and converted "
+                   "default_1 weights")
     s.add_argument("--inception-ref", help="reference file from `cmbench inception-ref`: adds Inception FID from "
                    "torch-fidelity and clean-fid")
-    s.add_argument("--device", default="auto")
+    s.add_argument("--reference-stats", help="with --samples-external: an .npz with mu [2048] and sigma "
+                   "[2048, 2048] (EDM's cifar10-32x32.npz, ADM's VIRTUAL_imagenet64_labeled.npz), used as is")
+    s.add_argument("--inception-weights", help="with --samples-external: the official Inception file or "
+                   "'default_1' (default: $CMBENCH_INCEPTION_WEIGHTS)")
+    s.add_argument("--batch-size", type=int, help="with --samples-external: Inception batch size (default 50)")
+    s.add_argument("--n", type=int, help="with --samples-external: score the first N images (default: all)")
+    _device_args(s)
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("grid", help="draw a samples file: an image grid, or points over the true density")

@@ -6,6 +6,8 @@ so evaluation needs nothing but the file and a cache folder for the FD-CNN class
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,9 +23,11 @@ GMM_REFERENCE_SEED = 2**31 - 1  # fresh "real" points for the energy distance; n
 
 def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", device=None, log=print,
              data_path: str | Path | None = None, feature_net: str | Path | None = None,
-             inception_ref: str | Path | None = None) -> dict:
+             inception_ref: str | Path | None = None, features_dir: str | Path | None = None) -> dict:
     """`data_path`: the prepared dataset (else read from its source); `feature_net`: FD-CNN weights (else cached);
-    `inception_ref`: a file from `cmbench inception-ref`, which turns on Inception FID from both libraries."""
+    `inception_ref`: a file from `cmbench inception-ref`, which turns on Inception FID from both libraries;
+    `features_dir`: where Inception features are cached shard by shard, so a killed evaluation resumes (the
+    CLI's `<out>.features`, removed once the metrics file is written; None: a temporary folder)."""
     samples, latents, meta = read_samples(samples_path)
     run = from_dict(RunConfig, meta["run"], "meta.run", str(samples_path))
     device = device or torch.device("cpu")
@@ -37,7 +41,8 @@ def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", dev
             raise DataError(f"{samples_path}: Inception FID is for images; {run.dataset} holds points")
         metrics, extra = _gmm_metrics(run, x, latents, meta), {}
     else:
-        metrics, extra = _image_metrics(run, x, cache_dir, device, log, data_path, feature_net, inception_ref)
+        metrics, extra = _image_metrics(run, x, cache_dir, device, log, data_path, feature_net, inception_ref,
+                                        features_dir)
     return {"dataset": run.dataset, "method": run.method, "seed": run.seed, "steps": meta["steps"],
             "nfe": meta["nfe"], "sample_seed": meta["sample_seed"], "n_samples": len(samples),
             "weights": meta["weights"], "metrics": metrics, "protocol": {**_protocol(run, len(samples)), **extra},
@@ -69,7 +74,7 @@ def _gmm_metrics(run: RunConfig, x: torch.Tensor, latents, meta) -> dict:
 
 
 def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log, data_path, feature_net,
-                   inception_ref=None) -> tuple[dict, dict]:
+                   inception_ref=None, features_dir=None) -> tuple[dict, dict]:
     """(metrics, protocol fields beyond FD-CNN's)."""
     from .metrics.fd_cnn import check_classifier, fd_cnn, load_or_train
 
@@ -92,9 +97,21 @@ def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log, data
     metrics["fd_cnn_real"] = fd_cnn(real_a, real_b, weights, device, kid=False)["fd_cnn"]
     if inception_ref is not None:
         log(f"{inception_weights.label} at N = {ref.meta['n']}: torch-fidelity and clean-fid")
-        inception_metrics, extra = inception_fid.score(x, ref, inception_weights, device)
+        with _folder(features_dir) as folder:
+            inception_metrics, inception_protocol = inception_fid.score(x, ref, inception_weights, device, folder)
         metrics.update(inception_metrics)
+        extra.update(inception_protocol)
     return metrics, extra
+
+
+@contextlib.contextmanager
+def _folder(path):
+    """`path` itself (kept for a resumed attempt), or a temporary folder when none is given."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="cmbench-features-") as tmp:
+        yield Path(tmp)
 
 
 def fd_cnn_real_sets(n_data: int, n_reference: int | None, n: int) -> tuple[torch.Tensor, torch.Tensor, str]:

@@ -67,7 +67,7 @@ def clean_fid_features(u8: torch.Tensor, feature_fn, batch_size: int, device: to
     """
     from cleanfid import fid
 
-    workers = 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+    workers = 0 if device.type == "cpu" else min(8, len(os.sched_getaffinity(0)))  # the job's cores, not the node's
     with tempfile.TemporaryDirectory(prefix="cmbench-cleanfid-") as tmp:
         files = write_pngs(u8, Path(tmp))
         return fid.get_files_features(files, model=feature_fn, num_workers=workers, batch_size=batch_size,

