@@ -35,7 +35,7 @@ def _device(args):
         if args.threads < 1:
             raise CmbenchError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    return resolve_device(args.device)
+    return resolve_device(args.device, check_allocation=True)  # a job given GPUs never runs on CPU silently
 
 
 def _dataset(args, entry):
@@ -203,6 +203,18 @@ def _evaluate_external(args, features_dir) -> None:
     print(f"{args.samples_external} ({result['n_samples']} images) vs {args.reference_stats}: {shown}")
 
 
+def cmd_synthetic_data(args) -> None:
+    from . import synthetic
+
+    check_writable(args.out)
+    if args.kind == "cifar10":
+        path = synthetic.cifar10_archive(args.out, seed=args.seed)
+        print(f"wrote {path}: a synthetic cifar-10-python.tar.gz (50,000 + 10,000 images; plumbing, not quality)")
+    else:
+        path = synthetic.imagenet_folder(args.out, classes=args.classes, per_class=args.per_class, seed=args.seed)
+        print(f"wrote {path}: {args.classes} class folders of {args.per_class} synthetic JPEGs (plumbing, not quality)")
+
+
 def cmd_grid(args) -> None:
     from .grids import save_grid
 
@@ -307,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, help="with --samples-external: score the first N images (default: all)")
     _device_args(s)
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("synthetic-data", help="write a stand-in for a paper track's data in its real file format "
+                       "(to rehearse the pipeline without the data)")
+    s.add_argument("--kind", required=True, choices=["cifar10", "imagenet"])
+    s.add_argument("--out", required=True, help="cifar10: the .tar.gz to write; imagenet: the folder to fill")
+    s.add_argument("--classes", type=int, default=1000, help="imagenet: class folders")
+    s.add_argument("--per-class", type=int, default=2, help="imagenet: images per class")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synthetic_data)
 
     s = sub.add_parser("grid", help="draw a samples file: an image grid, or points over the true density")
     s.add_argument("--samples", required=True)

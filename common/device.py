@@ -14,16 +14,16 @@ _NO_GPUS = {"", "-1", "NoDevFiles"}  # CUDA_VISIBLE_DEVICES values meaning "no G
 def resolve_device(spec: str = "auto", *, check_allocation: bool = False) -> torch.device:
     """`spec` as a device; `auto` is CUDA when usable, else CPU.
 
-    With `check_allocation` (training), `auto` refuses the CPU when the job holds GPUs: a CPU-only torch build or
-    a driver mismatch would otherwise train a paper-scale run on the CPU without a word.
+    With `check_allocation` (training and the CLI's jobs), `auto` refuses the CPU when the job holds GPUs: a
+    CPU-only torch build or a driver mismatch would otherwise run a paper-scale job on the CPU without a word.
     """
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if check_allocation and (said := gpus_allocated(os.environ)):
-            raise ConfigError(f"train.device is auto and {said} says this job holds GPUs, but torch.cuda is "
-                              f"unavailable ({_why_no_cuda()}): install a CUDA build of torch, or set "
-                              "train.device: cpu")
+            raise ConfigError(f"device is auto and {said} says this job holds GPUs, but torch.cuda is "
+                              f"unavailable ({_why_no_cuda()}): install a CUDA build of torch, or use the CPU "
+                              "on purpose (train.device: cpu, workflow.eval_device: cpu, --device cpu)")
         return torch.device("cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -92,8 +92,9 @@ def _image_metrics(run: RunConfig, x: torch.Tensor, cache_dir, device, log, data
     else:
         weights = load_or_train(ds, run.eval.fd_cnn, cache_dir, device, log)
     reference, baseline, baseline_note = fd_cnn_real_sets(len(ds), run.eval.n_reference, len(x))
-    metrics, extra = fd_cnn(x, ds.x[reference], weights, device), {"fd_cnn_baseline": baseline_note}
-    real_a, real_b = (ds.x[baseline], ds.x[reference]) if len(baseline) else _halves(ds.x)
+    ref_x = ds.rows(reference)  # only these rows: a memory-mapped split stays on disk
+    metrics, extra = fd_cnn(x, ref_x, weights, device), {"fd_cnn_baseline": baseline_note}
+    real_a, real_b = (ds.rows(baseline), ref_x) if len(baseline) else _halves(ds)
     metrics["fd_cnn_real"] = fd_cnn(real_a, real_b, weights, device, kid=False)["fd_cnn"]
     if inception_ref is not None:
         log(f"{inception_weights.label} at N = {ref.meta['n']}: torch-fidelity and clean-fid")
@@ -131,9 +132,9 @@ def fd_cnn_real_sets(n_data: int, n_reference: int | None, n: int) -> tuple[torc
                                  f"{n} images outside the {n_ref} reference images")
 
 
-def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    return x[perm[: len(x) // 2]], x[perm[len(x) // 2:]]
+def _halves(ds) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    return ds.rows(perm[: len(ds) // 2]), ds.rows(perm[len(ds) // 2:])
 
 
 def _protocol(run: RunConfig, n: int) -> dict:

@@ -41,6 +41,7 @@ rule feature_net:
         FD_CNN_FILE,
     params:
         cmbench=CMBENCH,
+        device=EVAL_DEVICE,  # samples and scores may differ in the last bits between devices
         spec=lambda w: json.dumps(to_dict(CFG.datasets[w.dataset].eval.fd_cnn), sort_keys=True),
     threads: 2
     resources:
@@ -51,7 +52,7 @@ rule feature_net:
         "results/logs/features/{dataset}.log",
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} features --config {CONFIG_FILE} --dataset {wildcards.dataset} "
-        "--data {input} --device {EVAL_DEVICE} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output} > {log} 2>&1"
+        "--data {input} --device {params.device} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output} > {log} 2>&1"
 
 
 # Opt-in per dataset (datasets.<name>.inception.enabled): Inception statistics of N real images for both FID
@@ -63,6 +64,7 @@ rule inception_reference:
         INCEPTION_REF_FILE,
     params:
         cmbench=CMBENCH,
+        device=EVAL_DEVICE,  # samples and scores may differ in the last bits between devices
         # what the statistics depend on: turning rows on or off (enabled, steps) must not recompute them
         spec=lambda w: json.dumps(
             {k: v for k, v in to_dict(CFG.datasets[w.dataset].inception).items() if k not in ("enabled", "steps")},
@@ -77,5 +79,5 @@ rule inception_reference:
         "results/logs/inception_ref/{dataset}.log",
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} inception-ref --config {CONFIG_FILE} "
-        "--dataset {wildcards.dataset} --data {input} --device {EVAL_DEVICE} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output} "
+        "--dataset {wildcards.dataset} --data {input} --device {params.device} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output} "
         "> {log} 2>&1"

@@ -9,6 +9,7 @@ rule evaluate:
         grid=GRID_FILE,
     params:
         cmbench=CMBENCH,
+        device=EVAL_DEVICE,  # samples and scores may differ in the last bits between devices
         extra=_evaluate_args,
     threads: 1
     resources:
@@ -19,4 +20,4 @@ rule evaluate:
         "results/logs/evaluate/{dataset}/{method}/seed{seed}/steps{steps}.log",
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} evaluate --samples {input.samples} {params.extra} "
-        "--device {EVAL_DEVICE} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output.metrics} --grid {output.grid} > {log} 2>&1"
+        "--device {params.device} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output.metrics} --grid {output.grid} > {log} 2>&1"

@@ -8,6 +8,7 @@ rule sample:
         SAMPLES_FILE,
     params:
         cmbench=CMBENCH,
+        device=EVAL_DEVICE,  # samples and scores may differ in the last bits between devices
         run=lambda w: run_dir(w.dataset, w.method, w.seed),
         n=lambda w: run_config(w.dataset, w.method, w.seed).eval.n_samples,
         seed=lambda w: run_config(w.dataset, w.method, w.seed).eval.seed,
@@ -21,5 +22,5 @@ rule sample:
         "results/logs/sample/{dataset}/{method}/seed{seed}/steps{steps}.log",
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} sample --run {params.run} --steps {wildcards.steps} "
-        "--n {params.n} --seed {params.seed} --batch-size {params.batch} --device {EVAL_DEVICE} "
+        "--n {params.n} --seed {params.seed} --batch-size {params.batch} --device {params.device} "
         "--threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --out {output} > {log} 2>&1"

@@ -20,6 +20,6 @@ rule train_teacher:
     log:
         "results/logs/train/{dataset}/teacher/seed{seed}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
         "--method teacher --seed {wildcards.seed} --data {input.data} --out {params.out} --archive-stale "
         "> {log} 2>&1"

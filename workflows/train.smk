@@ -24,6 +24,6 @@ rule train_method:
     log:
         "results/logs/train/{dataset}/{method}/seed{seed}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
+        "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
         "--method {wildcards.method} --seed {wildcards.seed} --data {input.data} {params.teacher} "
         "--out {params.out} --archive-stale > {log} 2>&1"

@@ -57,19 +57,19 @@ def train_classifier(ds: Dataset, spec: FDCNNSpec, device: torch.device, log=pri
     c, h, _ = ds.item_shape
     net = FeatureCNN(c, h, ds.num_classes).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=spec.lr)
-    x, y = ds.x.to(device), ds.labels.to(device)
     acc = 0.0
     for epoch in range(spec.epochs):
-        perm = torch.randperm(len(ds), generator=g).to(device)
+        perm = torch.randperm(len(ds), generator=g)
         correct = 0
         for start in range(0, len(ds), spec.batch_size):
-            idx = perm[start:start + spec.batch_size]
-            logits = net(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
+            idx = perm[start:start + spec.batch_size]  # only the batch is read and moved: the split may be mmapped
+            x, y = ds.rows(idx).to(device), ds.labels[idx].to(device)
+            logits = net(x)
+            loss = F.cross_entropy(logits, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            correct += int((logits.argmax(1) == y[idx]).sum())
+            correct += int((logits.argmax(1) == y).sum())
         acc = correct / len(ds)
         log(f"FD-CNN classifier epoch {epoch + 1}/{spec.epochs}: train accuracy {acc:.4f}")
     return net.eval().requires_grad_(False), acc

