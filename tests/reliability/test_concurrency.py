@@ -150,13 +150,19 @@ def _finished_files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*") if p.is_file() and not p.name.startswith((".", "ckpt-"))}
 
 
-def test_second_snakemake_on_the_same_folder_is_refused_by_the_lock(tmp_path):
+def _snakemake_and_a_clone(tmp_path: Path) -> tuple[Path, Path]:
+    """The venv's snakemake and a fresh-clone copy of the repo to run it in."""
     snakemake = Path(sys.executable).parent / "snakemake"
     if not snakemake.exists():
         pytest.skip("snakemake is not installed in this environment")
     repo = tmp_path / "repo"
     repo.mkdir()
     _copy_repo(repo)
+    return snakemake, repo
+
+
+def test_second_snakemake_on_the_same_folder_is_refused_by_the_lock(tmp_path):
+    snakemake, repo = _snakemake_and_a_clone(tmp_path)
     cmd = [str(snakemake), "--cores", "1", "all", "--configfile", "config/smoke.yaml"]
     first = subprocess.Popen(cmd, cwd=repo, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)  # its own process group: we stop exactly it and its jobs
@@ -197,12 +203,7 @@ def test_a_dry_run_with_another_config_beside_a_running_workflow_changes_nothing
     """Every invocation writes its merged config under its own content hash (workflows/common.smk), so a dry run
     with another config while a workflow trains neither rewrites the file its jobs read nor makes a later job
     train (or `--archive-stale` aside) a run with the other config."""
-    snakemake = Path(sys.executable).parent / "snakemake"
-    if not snakemake.exists():
-        pytest.skip("snakemake is not installed in this environment")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _copy_repo(repo)
+    snakemake, repo = _snakemake_and_a_clone(tmp_path)
     runs = [f"results/runs/gmm/{m}/seed0" for m in ("teacher", "ct", "ict")]
     cmd = [str(snakemake), "--cores", "1", "-p", *[f"{r}/final.pt" for r in runs], "--configfile",
            "config/smoke.yaml"]
