@@ -111,6 +111,11 @@ class GaussianMixture:
         logn, _ = self._posterior(*self._prepare(x, sigma))
         return torch.logsumexp(logn, dim=0).to(device=x.device, dtype=x.dtype)
 
+    def component_log_prob(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+        """log w_k + log N_k(x) of the sigma-noised mixture, float64 [N, K]: which component a point belongs to."""
+        logn, _ = self._posterior(*self._prepare(x, sigma))
+        return logn.T
+
     def score(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
         """grad_x log p_sigma(x) = sum_k r_k (mu_k - x) / v_k."""
         return self._score64(*self._prepare(x, sigma)).to(device=x.device, dtype=x.dtype)
