@@ -16,3 +16,10 @@ def _cpu_threads():
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+def pytest_collection_modifyitems(config, items):
+    """The SLURM cluster tests run last. They install SLURM's client tools, and once its daemons are stopped the
+    SLURM executor plugin's `scontrol show config` (asked at every Snakemake start, whatever the executor) waits
+    about 9 s for a controller that is gone: the later tests would pay that at each Snakemake call."""
+    items.sort(key=lambda item: item.path.parent.name == "cluster" and item.path.name == "test_slurm.py")

@@ -74,6 +74,19 @@ def test_lint_is_clean():
     assert "Traceback" not in out and "Error" not in out, out
 
 
+def test_a_job_step_cannot_retrain_the_teacher():
+    """A SLURM job step reruns Snakemake with `--allowed-rules <its rule>`, where `ruleorder` cannot pick the
+    teacher's rule: if train_method's pattern also matched the teacher's run, every distillation job would retrain
+    (and delete) the teacher that the others read. Seen through sbatch before the fix ("rule train_method: output:
+    results/runs/cifar10/teacher/seed0/final.pt, reason: Code has changed")."""
+    target = "results/runs/cifar10/teacher/seed0/final.pt"
+    proc = subprocess.run([str(BIN / "snakemake"), target, "-n", "--cores", "1", "--configfile", "config/cifar10.yaml",
+                           "--allowed-rules", "train_method"], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and f"No rule to produce {target}" in out, out[-3000:]
+
+
 def test_summary_table_has_the_teacher_rows(smoke_repo):
     repo, _ = smoke_repo
     df = pd.read_csv(repo / "results/summary/results.csv")
