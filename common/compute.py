@@ -76,6 +76,6 @@ def sampling_compute(run_dir, method, model: torch.nn.Module, item_shape: tuple[
         "flops_per_sample": flops, "flops_per_eval": flops / nfe,
         "sec_per_sample": sec_per_sample, "sample_device": describe(device),
         **{k: info[k] for k in ("train_flops_per_iter", "train_flops_total", "sec_per_iter", "train_seconds",
-                                "iterations", "batch_size") if k in info},
+                                "iterations", "batch_size", "flops_budget", "teacher_flops_total") if k in info},
         "train_device": info.get("device"),
     }

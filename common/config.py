@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from core.errors import BadValue, ConfigError, require
@@ -140,12 +142,15 @@ def _deep_merge(base: dict, over: dict) -> dict:
 DataKind = Literal["gmm", "digits", "mnist", "fashion_mnist", "cifar10", "image_folder"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GMMSpec:
-    """An isotropic Gaussian mixture: component k is N(means[k], stds[k]^2 I) with weight weights[k]."""
+    """A Gaussian mixture: component k is N(means[k], stds[k]^2 I) (isotropic) or N(means[k], covs[k]) (full
+    covariance, e.g. from core.mixture_suite) with weight weights[k]; exactly one of stds and covs is given.
+    Unset, they are left out of the run record, so isotropic records read as before."""
 
     means: list[list[float]]
-    stds: list[float]
+    stds: list[float] | None = field(default=None, metadata={"omit_if_default": True})
+    covs: list[list[list[float]]] | None = field(default=None, metadata={"omit_if_default": True})
     weights: list[float]
 
     def __post_init__(self):
@@ -153,8 +158,19 @@ class GMMSpec:
         require(k >= 1, "means", "needs at least one component")
         require(len({len(m) for m in self.means}) == 1 and len(self.means[0]) >= 1, "means",
                 "every mean needs the same dimension (>= 1)")
-        require(len(self.stds) == k, "stds", f"needs {k} entries, one per mean")
-        require(all(s > 0 for s in self.stds), "stds", "must all be > 0")
+        require((self.stds is None) != (self.covs is None), "stds",
+                "give exactly one of stds (isotropic) and covs (full covariance)")
+        if self.stds is not None:
+            require(len(self.stds) == k, "stds", f"needs {k} entries, one per mean")
+            require(all(s > 0 for s in self.stds), "stds", "must all be > 0")
+        else:
+            d = len(self.means[0])
+            require(len(self.covs) == k and all(len(c) == d and all(len(r) == d for r in c) for c in self.covs),
+                    "covs", f"needs {k} matrices of {d} x {d}, one per mean")
+            c = np.asarray(self.covs, dtype=np.float64)
+            asym = np.abs(c - c.transpose(0, 2, 1)).max(axis=(1, 2)) / np.abs(c).max(axis=(1, 2)).clip(1e-300)
+            require(bool(np.all(asym <= 1e-10)), "covs", "must be symmetric matrices")
+            require(bool(np.all(np.linalg.eigvalsh(c)[:, 0] > 0)), "covs", "must be positive definite")
         require(len(self.weights) == k, "weights", f"needs {k} entries, one per mean")
         require(all(w > 0 for w in self.weights), "weights", "must all be > 0")
         require(abs(sum(self.weights) - 1.0) < 1e-6, "weights", f"must sum to 1 (they sum to {sum(self.weights)})")
@@ -170,12 +186,22 @@ class DataSpec:
     resolution: int | None = None  # image_folder: resize to this size; others: must match if given
     max_items: int | None = None  # keep the first N items (tests, budgets)
     gmm: GMMSpec | None = None
+    # gmm: the mixture core.mixture_suite draws from this seed, in place of an explicit `gmm` (config/mixtures.yaml)
+    mixture: int | None = field(default=None, metadata={"omit_if_default": True})
     n_train: int = 50_000  # gmm: how many points the prepared training set holds
     seed: int = 0  # gmm: seed of the prepared training set
 
     def __post_init__(self):
+        if self.mixture is not None:
+            from core.mixture_suite import mixture_spec
+
+            require(self.kind == "gmm", "mixture", "is only allowed for kind 'gmm'")
+            drawn = GMMSpec(**mixture_spec(self.mixture))
+            require(self.gmm is None or self.gmm == drawn, "gmm",
+                    f"differs from the mixture drawn from seed {self.mixture}: give one of gmm and mixture")
+            self.gmm = drawn
         require((self.gmm is not None) == (self.kind == "gmm"), "gmm",
-                "is required for kind 'gmm' and not allowed for other kinds")
+                "is required for kind 'gmm' (or a `mixture` seed) and not allowed for other kinds")
         require(self.kind != "image_folder" or self.path is not None, "path", "is required for kind 'image_folder'")
         require(self.max_items is None or self.max_items > 0, "max_items", "must be > 0")
         require(self.n_train > 0, "n_train", "must be > 0")
@@ -252,6 +278,11 @@ class TrainSpec:
     # (tests/common/test_gpu_options.py).  Left out of config.json when off, so older runs stay valid.
     channels_last: bool = field(default=False, metadata={"omit_if_default": True})  # NHWC UNet activations
     fused_optimizer: bool = field(default=False, metadata={"omit_if_default": True})  # Adam's fused kernel
+    # Equal-compute mode (docs/evaluation.md, "Effective compute"): FLOPs of training for this run. When set, the
+    # run takes max(1, floor(flops_budget / FLOPs of one iteration)) iterations (FLOPs counted as in run_info's
+    # train_flops_per_iter, once before the first step) and `iterations` is ignored.  Left out of config.json when
+    # null, so runs made before it existed stay valid.
+    flops_budget: float | None = field(default=None, metadata={"omit_if_default": True})
 
     def __post_init__(self):
         require(self.iterations >= 1, "iterations", "must be >= 1")
@@ -276,6 +307,8 @@ class TrainSpec:
                 "only optimizer: adam has a fused kernel (set fused_optimizer: false for radam)")
         require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
                 "must be auto, cpu, cuda or cuda:N")
+        require(self.flops_budget is None or (math.isfinite(self.flops_budget) and self.flops_budget > 0),
+                "flops_budget", f"must be a finite number of FLOPs > 0 (or null), got {self.flops_budget!r}")
 
 
 @dataclass

@@ -357,7 +357,7 @@ def _load_gmm(spec: DataSpec) -> Dataset:
     gmm = GaussianMixture.from_spec(spec.gmm)
     x, comp = gmm.sample(spec.n_train, generator=g, return_components=True)
     return Dataset(x=torch.as_tensor(x, dtype=torch.float32), labels=torch.as_tensor(comp, dtype=torch.int64),
-                   num_classes=len(spec.gmm.stds), kind="gmm")
+                   num_classes=len(spec.gmm.weights), kind="gmm")
 
 
 def _load_digits(spec: DataSpec) -> Dataset:

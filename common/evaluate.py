@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 
 from core.errors import DataError
+from core.mixture_suite import mixture_set
 
 from .config import RunConfig, from_dict
 from .data import load_dataset, load_prepared
 from .records import read_samples
 
 GMM_REFERENCE_SEED = 2**31 - 1  # fresh "real" points for the energy distance; never a training seed
+OFF_MODE_QUANTILE = 0.01  # off_mode_share: a perfect sampler's score (docs/evaluation.md)
 
 
 def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", device=None, log=print,
@@ -52,18 +54,24 @@ def evaluate(samples_path: str | Path, cache_dir: str | Path = "data/cache", dev
 def _gmm_metrics(run: RunConfig, x: torch.Tensor, latents, meta) -> dict:
     from core.gmm import GaussianMixture
 
-    from .metrics.analytic import energy_distance, flow_map_error, mode_coverage, nll
+    from .metrics.analytic import energy_distance, flow_map_error, mode_coverage, mode_weight_tv, nll, off_mode_share
 
     gmm = GaussianMixture.from_spec(run.data.gmm)
     fresh = gmm.sample(len(x), generator=torch.Generator().manual_seed(GMM_REFERENCE_SEED))
     fresh2 = gmm.sample(len(x), generator=torch.Generator().manual_seed(GMM_REFERENCE_SEED - 1))
     entropy, entropy_se = gmm.entropy(seed=0)
+    nll_x = nll(x, gmm)
     metrics = {
-        "nll": nll(x, gmm),
+        "nll": nll_x,
         "entropy": entropy,
         "entropy_se": entropy_se,
+        "nll_gap": nll_x - entropy,  # 0 for a perfect sampler, < 0 when over-concentrated: never NLL alone
         "energy_distance": energy_distance(x, fresh),
         "energy_distance_real": energy_distance(fresh2, fresh),  # the floor at this N: real vs real
+        "mode_weight_tv": mode_weight_tv(x, gmm, fresh),
+        "mode_weight_tv_real": mode_weight_tv(fresh2, gmm, fresh),
+        "off_mode_share": off_mode_share(x, gmm, fresh, OFF_MODE_QUANTILE),
+        "off_mode_share_real": off_mode_share(fresh2, gmm, fresh, OFF_MODE_QUANTILE),
     }
     metrics.update(mode_coverage(x, gmm))
     if latents is not None:
@@ -139,7 +147,10 @@ def _halves(ds) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _protocol(run: RunConfig, n: int) -> dict:
     if run.data.kind == "gmm":
-        return {"metric_family": "exact (analytic mixture)", "n_samples": n}
+        suite = ({"mixture": run.data.mixture, "mixture_set": mixture_set(run.data.mixture)}
+                 if run.data.mixture is not None else {})
+        return {"metric_family": "exact (analytic mixture)", "n_samples": n, "off_mode_quantile": OFF_MODE_QUANTILE,
+                **suite}
     import torch_fidelity
 
     return {"metric_family": f"FD-CNN({run.dataset})", "library": f"torch-fidelity {torch_fidelity.__version__}",

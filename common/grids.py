@@ -44,11 +44,12 @@ def save_grid(samples_path: str | Path, out: str | Path) -> None:
         from core.gmm import GaussianMixture
 
         gmm = GaussianMixture.from_spec(run.data.gmm)
-        lim = 1.3 * max(abs(np.array(run.data.gmm.means)).max() + 3 * max(run.data.gmm.stds), 0.5)
-        u = np.linspace(-lim, lim, 200)
-        grid = np.stack(np.meshgrid(u, u), -1).reshape(-1, 2)
-        density = gmm.log_prob(torch.from_numpy(grid)).exp().numpy().reshape(200, 200)
-        ax.contourf(u, u, density, levels=20, cmap="Blues")
+        lim = 1.3 * max(abs(np.array(run.data.gmm.means)).max() + 3 * gmm.component_scales.max().item(), 0.5)
+        if gmm.dim == 2:  # higher-dimensional mixtures: the first two coordinates of the samples only
+            u = np.linspace(-lim, lim, 200)
+            grid = np.stack(np.meshgrid(u, u), -1).reshape(-1, 2)
+            density = gmm.log_prob(torch.from_numpy(grid)).exp().numpy().reshape(200, 200)
+            ax.contourf(u, u, density, levels=20, cmap="Blues")
         pts = samples[:5000, :2]
         ax.scatter(pts[:, 0], pts[:, 1], s=1, c="tab:red", alpha=0.4)
         ax.set_xlim(-lim, lim)

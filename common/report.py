@@ -20,14 +20,19 @@ import pandas as pd
 
 from .fsutil import atomic_write_text
 from .records import KIND_METRIC, metrics_kind, read_metrics
+from .suite import suite_markdown, suite_table
 
 # The headline metric per dataset kind (lower is better for all of them), and the ones shown in the tables.
 PRIMARY = KIND_METRIC  # the metric every metrics file of a dataset kind holds
-SHOWN = {"gmm": ["flow_map_error_mean", "nll", "energy_distance"],
+# gmm shows NLL only as NLL - H: an over-concentrated sampler's NLL falls below the entropy H (docs/evaluation.md)
+SHOWN = {"gmm": ["flow_map_error_mean", "nll_gap", "energy_distance", "mode_weight_tv", "off_mode_share"],
          "image": ["fd_cnn", "kid_cnn", "fid_torch_fidelity", "fid_clean_fid"]}
 LABELS = {
     "energy_distance": "energy distance to the true mixture",
-    "nll": "NLL under the true mixture (nats)",
+    "nll_gap": "NLL - H: NLL under the true mixture minus its entropy H (nats; perfect: 0, below 0: over-concentrated)",
+    "mode_weight_tv": "mode-weight TV: MAP-component histogram vs true samples' (perfect: the real-vs-real floor)",
+    "off_mode_share": "off-mode share: samples below the true samples' q-quantile of log p (perfect: q, below q: "
+                      "over-concentrated)",
     "flow_map_error_mean": "mean error vs the exact flow map Phi_{80->0}",
     "fd_cnn": "FD-CNN",
     "kid_cnn": "KID-CNN",
@@ -40,9 +45,10 @@ REFERENCE_METHOD = "teacher"
 METHOD_ORDER = ["teacher", "cd", "ct", "ict", "ect", "ctm", "sct", "scd", "facm"]
 COMPUTE_COLUMNS = ["params", "params_x_nfe", "flops_per_eval", "flops_per_sample", "sec_per_sample",
                    "sample_device", "train_flops_per_iter", "train_flops_total", "sec_per_iter", "iterations",
-                   "train_device"]
+                   "train_device", "flops_budget", "teacher_flops_total"]  # the last two: absent in older records
 SUMMARY_NAMES = ["results.csv", "compute.csv", "table.md", "table.tex", "metrics.json", "quality_vs_nfe.png",
-                 "quality_vs_nfe.csv", "quality_vs_sampling_compute.png", "quality_vs_training_compute.png"]
+                 "quality_vs_nfe.csv", "quality_vs_sampling_compute.png", "quality_vs_training_compute.png",
+                 "quality_vs_total_training_compute.png", "suite.csv"]
 CONFIDENCE = 0.95
 N_BOOTSTRAP = 10_000
 
@@ -54,12 +60,24 @@ def tidy(metrics_files: list[str | Path]) -> pd.DataFrame:
         base = {k: m[k] for k in ("dataset", "method", "seed", "steps", "nfe", "sample_seed", "n_samples", "weights")}
         base.update({f"protocol_{k}": v for k, v in m["protocol"].items() if k != "n_samples"})
         base.update({k: m.get("compute", {}).get(k) for k in COMPUTE_COLUMNS})
-        for name, value in m["metrics"].items():
+        metrics = m["metrics"]
+        if {"nll", "entropy"} <= set(metrics):  # records from before nll_gap get it too
+            metrics.setdefault("nll_gap", metrics["nll"] - metrics["entropy"])
+        for name, value in metrics.items():
             rows.append({**base, "metric": name, "value": float(value)})
     if not rows:
         raise ValueError("no metrics files given to report")
     df = pd.DataFrame(rows)
+    df["total_flops"] = total_flops(df)
     return df.sort_values(["dataset", "method", "seed", "nfe", "metric"], kind="stable").reset_index(drop=True)
+
+
+def total_flops(df: pd.DataFrame) -> pd.Series:
+    """Training FLOPs including the teacher's: the run's own plus those of the teacher run it builds on (its
+    weights or its distillation targets; 0 for the teacher and for methods without one).  NaN where a record
+    predates teacher_flops_total."""
+    return (pd.to_numeric(df.train_flops_total, errors="coerce")
+            + pd.to_numeric(df.teacher_flops_total, errors="coerce"))
 
 
 def bootstrap_ci(values, level: float = CONFIDENCE, n_boot: int = N_BOOTSTRAP, seed: int = 0):
@@ -266,13 +284,34 @@ def _cell_text(cell) -> str:
     return cell.text if isinstance(cell, Cell) else str(cell)
 
 
+def _flops(value: float) -> str:
+    """4 significant digits, exponent without sign or padding: 4.305e12."""
+    mantissa, _, exponent = f"{value:.4g}".partition("e")
+    return mantissa + (f"e{int(exponent)}" if exponent else "")
+
+
+def training_mode(sub: pd.DataFrame) -> str:
+    """Which mode trained these rows (train.flops_budget, docs/evaluation.md): equal iterations or equal compute,
+    naming the methods that kept their configured iterations (the teacher, in the shipped equal_compute budgets)."""
+    runs = sub.drop_duplicates(["method", "seed"])
+    budget = pd.to_numeric(runs["flops_budget"], errors="coerce") if "flops_budget" in runs else None
+    if budget is None or budget.isna().all():
+        return "equal iterations (per-method budgets from the config)"
+    values = sorted(set(budget.dropna()))
+    text = (f"equal compute: {_flops(values[0])} FLOPs of training per method" if len(values) == 1 else
+            f"unequal FLOPs budgets: {', '.join(_flops(v) for v in values)} FLOPs of training")
+    others = _method_order(set(runs.method[budget.isna()]))
+    return text + (f" ({', '.join(others)}: the configured iterations)" if others else "")
+
+
 def _footer(df: pd.DataFrame, dataset: str, published: pd.DataFrame | None) -> str:
     sub = df[df.dataset == dataset]
     first = sub.iloc[0]
     seeds = sorted(int(s) for s in sub.seed.unique())
     parts = [f"metric family: {first.protocol_metric_family}", f"N = {int(first.n_samples)} samples per cell",
              f"sample seed {int(first.sample_seed)} (per-image seeds)", f"{first.weights.upper()} weights",
-             f"training seeds {seeds}: mean [{CONFIDENCE:.0%} percentile-bootstrap CI of the mean over seeds]"]
+             f"training seeds {seeds}: mean [{CONFIDENCE:.0%} percentile-bootstrap CI of the mean over seeds]",
+             f"training mode: {training_mode(sub)}"]
     for key in sorted(k for k in sub.columns if k.startswith("protocol_") and k != "protocol_metric_family"):
         values = sorted({str(v) for v in sub[key].dropna().unique()})
         if values:
@@ -281,9 +320,11 @@ def _footer(df: pd.DataFrame, dataset: str, published: pd.DataFrame | None) -> s
     for metric, group in floor.groupby("metric"):
         parts.append(f"real-vs-real {metric.removesuffix('_real')} (real images as the samples, sets as stated): "
                      f"{group.value.iloc[0]:.3g}")
-    ent = sub[sub.metric == "entropy"]
-    if len(ent):
-        parts.append(f"true mixture entropy {ent.value.iloc[0]:.4f} nats (the NLL floor)")
+    ent, ent_se = sub[sub.metric == "entropy"], sub[sub.metric == "entropy_se"]
+    if len(ent):  # a perfect sampler's NLL, not a floor: an over-concentrated sampler goes below it
+        se = f" +- {ent_se.value.iloc[0]:.1g}" if len(ent_se) else ""
+        parts.append(f"true mixture entropy H = {ent.value.iloc[0]:.4f}{se} nats (Monte Carlo; a perfect sampler's "
+                     f"NLL)")
     if _published(published, dataset) is not None:
         parts.append("paper: published FID as quoted in config/published_fid.csv (each paper's own protocol; "
                      "letters: its source and setting; numbers: row notes)")
@@ -297,6 +338,12 @@ def _shown(df: pd.DataFrame, dataset: str) -> list[str]:
 
 def _label(df: pd.DataFrame, dataset: str, metric: str) -> str:
     label = LABELS[metric] + (f"({dataset})" if metric.endswith("_cnn") else "")
+    sub = df[df.dataset == dataset]
+    if metric == "nll_gap" and (sub.metric == "entropy").any():  # H beside the gap: NLL is never shown alone
+        label = label.removesuffix(")") + f"; H = {sub.value[sub.metric == 'entropy'].iloc[0]:.4f})"
+    if metric == "off_mode_share" and "protocol_off_mode_quantile" in sub:
+        q = sorted(set(sub.protocol_off_mode_quantile.dropna()))
+        label = label.removesuffix(")") + (f"; q = {', '.join(f'{v:g}' for v in q)})" if q else ")")
     if metric.startswith("fid_") and "protocol_inception_label" in df:  # rows from default_1 weights say so
         weights = set(df.loc[df.dataset == dataset, "protocol_inception_label"].dropna())
         if any("default_1" in w for w in weights):
@@ -307,36 +354,41 @@ def _label(df: pd.DataFrame, dataset: str, metric: str) -> str:
 def compute_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, method, seed, nfe): what the row cost to train and to sample."""
     cols = ["dataset", "method", "seed", "nfe", *[c for c in COMPUTE_COLUMNS if c != "nfe"]]
-    return df[cols].drop_duplicates(["dataset", "method", "seed", "nfe"]).reset_index(drop=True)
+    out = df[cols].drop_duplicates(["dataset", "method", "seed", "nfe"]).reset_index(drop=True)
+    out["total_flops"] = total_flops(out)  # the run's training plus its teacher's (docs/evaluation.md)
+    return out
 
 
 def _compute_markdown(comp: pd.DataFrame, dataset: str) -> str:
     sub = comp[comp.dataset == dataset]
     if sub.params.isna().all():
         return ""
-    header = ["method", "params", "train GFLOP/iter", "iterations", "train PFLOP total", "s/iter",
-              "sampling GFLOP/sample by NFE", "ms/sample by NFE"]
+    header = ["method", "params", "train GFLOP/iter", "iterations", "train PFLOP total",
+              "total PFLOP incl. teacher", "s/iter", "sampling GFLOP/sample by NFE", "ms/sample by NFE"]
     rows = []
     for method in _method_order(sub.method.unique()):
         m = sub[sub.method == method]
         per_nfe = m.groupby("nfe")[["flops_per_sample", "sec_per_sample"]].mean()
         rows.append([method, f"{int(m.params.iloc[0]):,}", f"{m.train_flops_per_iter.mean() / 1e9:.3g}",
                      f"{int(m.iterations.iloc[0])}", f"{m.train_flops_total.mean() / 1e15:.3g}",
+                     "" if m.total_flops.isna().any() else f"{m.total_flops.mean() / 1e15:.3g}",
                      f"{m.sec_per_iter.mean():.3g}",
                      ", ".join(f"{n}: {v / 1e9:.3g}" for n, v in per_nfe.flops_per_sample.items()),
                      ", ".join(f"{n}: {v * 1e3:.3g}" for n, v in per_nfe.sec_per_sample.items())])
     devices = "; ".join(sorted({str(d) for d in sub.train_device.dropna().unique()}))
     return (_markdown_table(header, rows) + f"\n\nFLOPs counted by torch.utils.flop_counter on the real calls (a "
             f"JVP counts; a distillation method's teacher calls are in its iterations, the teacher's own training "
-            f"is its row); times on {devices}. Effective sampling compute as in the sCM paper = params x NFE "
-            f"(results.csv column params_x_nfe).")
+            f"is its row and is added in the total of each method that starts from or distills the trained teacher; "
+            f"empty: a run from before this accounting); times on {devices}. Effective sampling compute as in the "
+            f"sCM paper = params x NFE (results.csv column params_x_nfe). Training mode: {training_mode(sub)}.")
 
 
 def reports(df: pd.DataFrame, published: pd.DataFrame | None = None) -> tuple[str, str]:
     """(Markdown, LaTeX) of every dataset's tables."""
     md = ["# cmbench summary", "",
-          "Lower is better everywhere. Rows: methods (the diffusion teacher is the reference); columns: network "
-          "evaluations per sample (NFE); cells: mean over training seeds [95% bootstrap CI].", ""]
+          "Lower is better, except where a title gives a perfect sampler's value (NLL - H: 0; off-mode share: q): "
+          "there a departure either way is worse. Rows: methods (the diffusion teacher is the reference); columns: "
+          "network evaluations per sample (NFE); cells: mean over training seeds [95% bootstrap CI].", ""]
     tex = [r"% cmbench summary: \usepackage{booktabs}"]
     comp = compute_table(df)
     for dataset in sorted(df.dataset.unique()):
@@ -356,6 +408,9 @@ def reports(df: pd.DataFrame, published: pd.DataFrame | None = None) -> tuple[st
         compute_md = _compute_markdown(comp, dataset)
         if compute_md:
             md += [f"## {dataset}: compute", "", compute_md, ""]
+    suite_md = suite_markdown(suite_table(df), _method_order)
+    if suite_md:
+        md += [suite_md]
     return "\n".join(md), "\n".join(tex) + "\n"
 
 
@@ -406,6 +461,7 @@ def write_summary(metrics_files: list[str | Path], out_dir: str | Path,
     atomic_write_text(paths["compute.csv"], compute_table(df).to_csv(index=False))
     md, tex = reports(df, pub)
     atomic_write_text(paths["table.md"], md)
+    atomic_write_text(paths["suite.csv"], suite_table(df).to_csv(index=False))
     atomic_write_text(paths["table.tex"], tex)
     atomic_write_text(paths["metrics.json"], json.dumps(dvc_metrics(df), indent=2, sort_keys=True) + "\n")
     primary = _primary_rows(df)
@@ -420,6 +476,13 @@ def write_summary(metrics_files: list[str | Path], out_dir: str | Path,
     else:  # rows from before compute accounting: say so instead of drawing an empty axis
         for name in ("quality_vs_sampling_compute.png", "quality_vs_training_compute.png"):
             _placeholder(paths[name], "no compute columns in these metrics files (rerun `cmbench sample`)")
+    total = primary.dropna(subset=["total_flops"])  # rows of runs trained before teacher_flops_total: left out
+    if len(total):
+        _plot(total, "total_flops", "training FLOPs including the teacher's training",
+              paths["quality_vs_total_training_compute.png"], kind="scatter", style="nfe", s=60)
+    else:
+        _placeholder(paths["quality_vs_total_training_compute.png"],
+                     "no teacher_flops_total in these metrics files (runs trained before total-cost accounting)")
     return list(paths.values())
 
 

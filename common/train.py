@@ -135,12 +135,14 @@ def train(run: RunConfig, out: str | Path, *, data_path: str | None = None, teac
     if _finished(out.final, log):
         return out.final
     tr = _build(run, method, data_path, teacher_dir, ranks, device, log)
+    batches = Batches.on(tr.data, run, device)
+    if run.train.flops_budget is not None:  # before any checkpoint is loaded: the fresh run's count
+        _apply_flops_budget(tr, batches, log)
     start, counters = _resume(tr, out, log)
     t = run.train
     micro = f" ({tr.accum} micro-batches of {t.batch_per_gpu} per process)" if tr.accum > 1 else ""
     log(f"training {run.method} on {run.dataset} (seed {run.seed}): {tr.n_params:,} parameters, "
-        f"{t.iterations} iterations of batch {t.batch_size}{micro} on {describe(device)}")
-    batches = Batches.on(tr.data, run, device)
+        f"{tr.iterations} iterations of batch {t.batch_size}{micro} on {describe(device)}")
     _loop(tr, batches, out, start, counters, progress_bar, stop)
     if ranks.is_main:  # rank 0 alone writes the final weights; the others wait for them
         _finish(tr, batches, out, log)
@@ -167,10 +169,35 @@ class Trainer:
     teacher: object | None  # what a distillation method distills
     amp: torch.autocast
     accum: int  # micro-batches per process and step (train.batch_per_gpu)
+    teacher_flops_total: int | None = 0  # training FLOPs of the teacher run this run used (None: not recorded)
+    budget: Budget | None = None  # train.flops_budget's derived iteration count (equal-compute mode)
 
     @property
     def n_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def iterations(self) -> int:
+        """The run's length: train.iterations, or the count derived from train.flops_budget."""
+        return self.budget.iterations if self.budget is not None else self.run.train.iterations
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Equal-compute mode: train.flops_budget over the FLOPs of one iteration, floored (at least 1 iteration).
+
+    Fixed when a run starts and saved in every checkpoint: a resumed run (any rank) keeps its count."""
+
+    flops: float  # train.flops_budget
+    flops_per_iter: int  # counted once before the first step (common.compute.train_iteration_flops)
+    iterations: int
+
+    @classmethod
+    def of(cls, flops: float, flops_per_iter: int) -> Budget:
+        return cls(flops, flops_per_iter, max(1, math.floor(flops / flops_per_iter)))
+
+    def to_dict(self) -> dict:
+        return {"flops": self.flops, "flops_per_iter": self.flops_per_iter, "iterations": self.iterations}
 
 
 @dataclass
@@ -273,7 +300,47 @@ def _build(run: RunConfig, method: Method, data_path: str | None, teacher_dir: s
         model.compile()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.train.amp == "bf16")
     return Trainer(run, method, data, ranks, device, model, init, extras, trainable, optimizer, ema, target,
-                   teacher, amp, _accumulation(run))
+                   teacher, amp, _accumulation(run), _teacher_flops_total(method, run, init, teacher_dir))
+
+
+def _teacher_flops_total(method, run: RunConfig, init: str, teacher_dir: str | None) -> int | None:
+    """Training FLOPs of the teacher run this run builds on (its weights or its distillation targets; on gmm a
+    distillation method distills the exact mixture, which costs no training): 0 when it uses none, None when the
+    teacher run predates FLOPs accounting."""
+    uses_run = init == "teacher" or (method.needs_teacher and run.data.kind != "gmm")
+    if not uses_run or teacher_dir is None:
+        return 0
+    return RunDir(teacher_dir).read_run_info().get("train_flops_total")
+
+
+def _iteration_flops(tr: Trainer, batches: Batches) -> int:
+    """FLOPs of one training iteration of the whole batch (common.compute.train_iteration_flops, on copies)."""
+    n_micro = tr.ranks.world_size * tr.accum  # counted on one micro-batch (FLOPs are linear in the batch): the
+    x_first, labels_first = batches.take(batches.indices(0)[:tr.run.train.batch_size // n_micro])  # whole may not fit
+    return n_micro * compute.train_iteration_flops(tr.method, tr.model, x_first, teacher=tr.teacher,
+                                                   target=tr.target, labels=labels_first)
+
+
+def _apply_flops_budget(tr: Trainer, batches: Batches, log) -> None:
+    """Equal-compute mode: set tr.budget from train.flops_budget and the FLOPs of one iteration.
+
+    Counted on the freshly built networks (before any checkpoint is loaded) under a fixed seed, so every invocation
+    of the run counts the same; rank 0's count is used on every rank.  The RNG state is left as it was."""
+    t = tr.run.train
+    cuda = list(range(torch.cuda.device_count())) if tr.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(step_seed(tr.run.seed, 0))
+        flops = _iteration_flops(tr, batches)
+    if tr.ranks.active:
+        count = torch.tensor([flops], dtype=torch.int64, device=tr.device)
+        torch.distributed.broadcast(count, src=0)
+        flops = int(count.item())
+    if flops <= 0:
+        raise ConfigError(f"train.flops_budget: one iteration of '{tr.run.method}' counts {flops} FLOPs (no "
+                          f"matmul/conv/attention op); set train.iterations instead")
+    tr.budget = Budget.of(t.flops_budget, flops)
+    log(f"train.flops_budget {t.flops_budget:.6g} FLOPs / {flops:,} FLOPs per iteration -> {tr.budget.iterations} "
+        f"iterations (train.iterations {t.iterations} is ignored)")
 
 
 def _accumulation(run: RunConfig) -> int:
@@ -308,6 +375,7 @@ def _resume(tr: Trainer, out: RunDir, log) -> tuple[int, Counters]:
         if tr.target is not None:
             tr.target.load_state_dict(state["target"])
         start = state["step"]
+        _resume_budget(tr, state, log)
         log(f"resumed from step {start}")
     counters = Counters.from_checkpoint(state)
     truncate_stats(out.stats, start)
@@ -315,12 +383,26 @@ def _resume(tr: Trainer, out: RunDir, log) -> tuple[int, Counters]:
     return start, counters
 
 
+def _resume_budget(tr: Trainer, state: dict, log) -> None:
+    """A resumed equal-compute run keeps the iteration count its checkpoints were written under (it never changes
+    unless the FLOP counter itself does, e.g. another torch version)."""
+    saved = state.get("budget")
+    if tr.budget is None or saved is None or saved == tr.budget.to_dict():
+        return
+    if saved["flops"] != tr.budget.flops:  # config.json guards this; a checkpoint copied from another run does not
+        raise CheckpointError(f"checkpoint at step {state['step']} was written under train.flops_budget "
+                              f"{saved['flops']:.6g}, not {tr.budget.flops:.6g}")
+    log(f"warning: this invocation counts {tr.budget.flops_per_iter:,} FLOPs per iteration, the run's checkpoints "
+        f"{saved['flops_per_iter']:,}: keeping the run's {saved['iterations']} iterations")
+    tr.budget = Budget(saved["flops"], saved["flops_per_iter"], saved["iterations"])
+
+
 def _loop(tr: Trainer, batches: Batches, out: RunDir, start: int, counters: Counters, progress_bar: bool | None,
           stop) -> None:
     """Steps start..iterations: log every log_every, checkpoint every checkpoint_every and on a stop request."""
-    run, t = tr.run, tr.run.train
+    run, t, iterations = tr.run, tr.run.train, tr.iterations
     window = Window(time.perf_counter())
-    bar = tqdm(range(start, t.iterations), initial=start, total=t.iterations,
+    bar = tqdm(range(start, iterations), initial=start, total=iterations,
                disable=_bar_disabled(progress_bar, tr.ranks.is_main), mininterval=2.0,
                desc=f"{run.method}/{run.dataset}")
     tr.model.train()
@@ -329,15 +411,15 @@ def _loop(tr: Trainer, batches: Batches, out: RunDir, start: int, counters: Coun
     for step in bar:
         _step(tr, batches, step, counters, window, out)
         done = step + 1
-        if done % t.log_every == 0 or done == t.iterations:
+        if done % t.log_every == 0 or done == iterations:
             _log(tr, out, bar, window, counters, done)
         stopping = not distributed.all_true(not stop, tr.ranks, tr.device)  # a signal to one rank stops them all
-        if (done % t.checkpoint_every == 0 or done == t.iterations or stopping) and tr.ranks.is_main:
+        if (done % t.checkpoint_every == 0 or done == iterations or stopping) and tr.ranks.is_main:
             _save_checkpoint(tr, out, done, counters)
-        if stopping and done < t.iterations:
+        if stopping and done < iterations:
             bar.close()
             signal = getattr(stop, "signal", None) or "a stop signal to another rank"
-            raise Preempted(f"{signal} received: checkpoint written at step {done} of {t.iterations} in "
+            raise Preempted(f"{signal} received: checkpoint written at step {done} of {iterations} in "
                             f"{out.checkpoints}; rerun the same command to resume")
     bar.close()
 
@@ -363,7 +445,7 @@ def _step(tr: Trainer, batches: Batches, step: int, counters: Counters, window: 
     tr.optimizer.step()
     tr.ema.update(tr.model, (step + 1) * t.batch_size, t.batch_size)
     if tr.target is not None:
-        _update_target(tr.target, tr.model, tr.method.target_decay((step + 1) / t.iterations))
+        _update_target(tr.target, tr.model, tr.method.target_decay((step + 1) / tr.iterations))
     counters.nonfinite_run, counters.last_finite = 0, float(terms["loss"].detach())
     window.add(terms, grad_norm)
     return True
@@ -383,7 +465,7 @@ def _gradients(tr: Trainer, batches: Batches, step: int) -> tuple[dict, torch.Te
     seed, parts, finite = step_seed(run.seed, step), [], True
     for j, idx in distributed.micro_batches(batches.indices(step), tr.ranks, tr.accum):
         torch.manual_seed(distributed.rank_seed(seed, j))
-        terms = _micro_loss(tr, batches, idx, step / t.iterations)
+        terms = _micro_loss(tr, batches, idx, step / tr.iterations)
         finite = bool(torch.isfinite(terms["loss"]))
         if finite:
             terms["loss"].backward()
@@ -449,27 +531,28 @@ def _save_checkpoint(tr: Trainer, out: RunDir, done: int, counters: Counters) ->
         "optimizer": tr.optimizer.state_dict(), "extras": {k: m.state_dict() for k, m in tr.extras.items()},
         "target": tr.target.state_dict() if tr.target is not None else None,
         "counters": counters.to_dict(),
+        **({"budget": tr.budget.to_dict()} if tr.budget is not None else {}),
     })
     checkpoint.prune(out.checkpoints, tr.run.train.keep_checkpoints)
 
 
 def _finish(tr: Trainer, batches: Batches, out: RunDir, log) -> None:
     """FLOPs of one iteration, run_info.json, then final.pt (which marks the run done)."""
-    run, t = tr.run, tr.run.train
+    run, t, iterations = tr.run, tr.run.train, tr.iterations
     digest = data_hash(tr.data)
-    n_micro = tr.ranks.world_size * tr.accum  # counted on one micro-batch (FLOPs are linear in the batch): the
-    x_first, labels_first = batches.take(batches.indices(0)[:t.batch_size // n_micro])  # whole may not fit
-    flops = n_micro * compute.train_iteration_flops(tr.method, tr.model, x_first, teacher=tr.teacher,
-                                                    target=tr.target, labels=labels_first)
+    # equal-compute runs keep the count their iterations were derived from (total within one iteration of budget)
+    flops = tr.budget.flops_per_iter if tr.budget is not None else _iteration_flops(tr, batches)
     seconds = _train_seconds(out.stats)
     n_params = tr.n_params
+    budget = {"flops_budget": tr.budget.flops} if tr.budget is not None else {}
     # run_info.json before final.pt: final.pt marks the run done, so a kill between the two must not lose run_info
     atomic_write_json(out.run_info, {"n_params": n_params, "data_hash": digest, "device": describe(tr.device),
-                                     "iterations": t.iterations, "batch_size": t.batch_size, "init": tr.init,
-                                     "train_seconds": seconds, "sec_per_iter": seconds / t.iterations,
-                                     "train_flops_per_iter": flops, "train_flops_total": flops * t.iterations})
+                                     "iterations": iterations, "batch_size": t.batch_size, "init": tr.init,
+                                     "train_seconds": seconds, "sec_per_iter": seconds / iterations,
+                                     "train_flops_per_iter": flops, "train_flops_total": flops * iterations,
+                                     **budget, "teacher_flops_total": tr.teacher_flops_total})
     checkpoint.save(out.final, {
-        "step": t.iterations, "model": tr.model.state_dict(), "ema": tr.ema.module.state_dict(),
+        "step": iterations, "model": tr.model.state_dict(), "ema": tr.ema.module.state_dict(),
         "item_shape": list(tr.data.item_shape), "data_hash": digest, "n_params": n_params,
         "config": run.to_json(),
     })

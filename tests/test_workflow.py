@@ -87,6 +87,18 @@ def test_a_job_step_cannot_retrain_the_teacher():
     assert proc.returncode != 0 and f"No rule to produce {target}" in out, out[-3000:]
 
 
+def test_the_mixture_suite_track_builds_a_development_and_a_held_out_row():
+    """config/mixtures.yaml: the dry run resolves suite mixtures (full covariances, 2-D and 16-D) at config time
+    and plans their rows like any track's (the whole track: 747 jobs, docs/evaluation.md)."""
+    targets = [f"results/metrics/{name}/scd/seed0/steps4.json" for name in ("mix_dev0", "mix_heldout1004")]
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "1", *targets, "--configfile",
+                           "config/mixtures.yaml"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", out[out.index("Job stats:"):], flags=re.M))
+    assert (jobs["prepare"], jobs["train_teacher"], jobs["train_method"], jobs["evaluate"]) == ("2", "2", "2", "2")
+
+
 def test_summary_table_has_the_teacher_rows(smoke_repo):
     repo, _ = smoke_repo
     df = pd.read_csv(repo / "results/summary/results.csv")

@@ -38,6 +38,9 @@ def test_train_sample_evaluate(cfg, tmp_path, capsys):
     assert main(["evaluate", "--samples", str(samples), "--out", str(metrics)]) == 0
     result = json.loads(metrics.read_text())
     assert result["nfe"] == 3 and {"nll", "energy_distance", "flow_map_error_mean"} <= set(result["metrics"])
+    m = result["metrics"]
+    assert {"mode_weight_tv", "mode_weight_tv_real", "off_mode_share", "off_mode_share_real"} <= set(m)
+    assert m["nll_gap"] == m["nll"] - m["entropy"] and result["protocol"]["off_mode_quantile"] == 0.01
     assert not (tmp_path / "s.npz.parts").exists()  # the shards go once the samples file holds them
 
 

@@ -21,10 +21,10 @@ def test_bootstrap_ci_brackets_the_mean_and_matches_the_normal_limit():
     assert 1.0 <= lo2 <= 2.0 <= hi2 <= 3.0
 
 
-def _write(tmp_path, dataset, method, seed, nfe, metrics, family="FD-CNN(x)"):
+def _write(tmp_path, dataset, method, seed, nfe, metrics, family="FD-CNN(x)", **protocol):
     row = {"dataset": dataset, "method": method, "seed": seed, "steps": nfe, "nfe": nfe, "sample_seed": 0,
            "n_samples": 100, "weights": "ema", "metrics": metrics,
-           "protocol": {"metric_family": family, "n_samples": 100, "library": "torch-fidelity 0.4.0"},
+           "protocol": {"metric_family": family, "n_samples": 100, "library": "torch-fidelity 0.4.0", **protocol},
            "compute": {"params": 1000, "params_x_nfe": 1000 * nfe, "flops_per_eval": 2e6, "flops_per_sample": 2e6 * nfe,
                        "sec_per_sample": 1e-3 * nfe, "sample_device": "cpu", "train_flops_per_iter": 6e9,
                        "train_flops_total": 6e12, "sec_per_iter": 0.1, "iterations": 1000, "train_device": "cpu"}}
@@ -76,6 +76,35 @@ def test_write_summary_writes_every_file(files, tmp_path):
     assert all(p.stat().st_size > 0 for p in paths)
     compute = pd.read_csv(tmp_path / "summary" / "compute.csv")
     assert len(compute) == len(files)
+
+
+def test_gmm_tables_show_nll_only_beside_the_entropy_and_the_mode_metrics(tmp_path):
+    """An over-concentrated sampler's NLL is below the entropy H: the tables show NLL - H (with H in the title), never
+    NLL alone, and the mode-weight TV and off-mode share with their perfect-sampler values and real-vs-real floors.
+    Records from before nll_gap get it from their nll and entropy."""
+    files = []
+    for method, nll in (("teacher", -1.05), ("cd", -1.80)):
+        metrics = {"nll": nll, "entropy": -1.0768, "entropy_se": 0.002, "energy_distance": 0.001,
+                   "energy_distance_real": -0.0002, "flow_map_error_mean": 0.03, "mode_weight_tv": 0.02,
+                   "mode_weight_tv_real": 0.014, "off_mode_share": 0.012, "off_mode_share_real": 0.0095}
+        if method == "cd":
+            metrics["nll_gap"] = nll + 1.0768
+        files.append(_write(tmp_path, "gmm", method, 0, 1, metrics, "exact (analytic mixture)",
+                            off_mode_quantile=0.01))
+    df = tidy(files)
+    gap = df[df.metric == "nll_gap"].set_index("method").value
+    assert gap["teacher"] == pytest.approx(0.0268) and gap["cd"] == pytest.approx(-0.7232)
+    md, tex = reports(df)
+    titles = [line for line in md.splitlines() if line.startswith("## gmm")]
+    assert titles[1] == ("## gmm: NLL - H: NLL under the true mixture minus its entropy H (nats; perfect: 0, below 0: "
+                         "over-concentrated; H = -1.0768)")
+    assert not any("NLL under" in t and "H" not in t for t in titles)
+    assert "| cd | -0.7232 |" in md.split(titles[1])[1]
+    assert any(t.startswith("## gmm: mode-weight TV") for t in titles)
+    assert any(t.startswith("## gmm: off-mode share") and t.endswith("q = 0.01)") for t in titles)
+    assert "real-vs-real mode_weight_tv" in md and "real-vs-real off_mode_share" in md
+    assert "true mixture entropy H = -1.0768 +- 0.002 nats" in md and "Lower is better, except" in md
+    assert "NLL - H" in tex and "off-mode share" in tex
 
 
 def _paper_files(tmp_path):
