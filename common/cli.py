@@ -8,6 +8,7 @@ removed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from core.errors import CmbenchError
@@ -27,15 +28,26 @@ def _dataset_entry(args, list_defined: bool = False, config=None):
 
 def _device(args):
     """--threads (torch's CPU threads, so a job uses what it was allocated) and --device (auto: CUDA if any)."""
-    import torch
-
     from .device import resolve_device
+
+    _threads(args)
+    return resolve_device(args.device, check_allocation=True)  # a job given GPUs never runs on CPU silently
+
+
+def _threads(args) -> None:
+    """--threads sets torch's CPU threads and every BLAS/OpenMP pool numpy and scipy use (FID's matrix square
+    roots), outright: the environment may disagree (Snakemake exports MKL_NUM_THREADS = the rule's threads, which
+    torch also reads, whatever SLURM allocated), and a result's last bits depend on these thread counts."""
+    import torch
+    from threadpoolctl import threadpool_limits
 
     if args.threads is not None:
         if args.threads < 1:
             raise CmbenchError(f"--threads must be >= 1, got {args.threads}")
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # libraries loaded later
+            os.environ[var] = str(args.threads)  # (scipy.linalg's own OpenBLAS) read these when they load
         torch.set_num_threads(args.threads)
-    return resolve_device(args.device, check_allocation=True)  # a job given GPUs never runs on CPU silently
+        threadpool_limits(limits=args.threads)  # the pools already loaded (numpy's BLAS, OpenMP)
 
 
 def _dataset(args, entry):
@@ -103,6 +115,7 @@ def cmd_train(args) -> None:
 
     config = load_config(args.config)
     run = resolve_run(config, args.dataset, args.method, args.seed, source=args.config)
+    _threads(args)
     with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: checkpoint, exit PREEMPTED_EXIT_STATUS, rerun resumes
         train(run, args.out, data_path=args.data, teacher_dir=args.teacher, archive_stale=args.archive_stale,
               stop=stop)
@@ -281,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", help="run folder of the trained teacher (distillation methods)")
     s.add_argument("--archive-stale", action="store_true",
                    help="if --out holds a run with another config, rename it aside and start afresh")
+    s.add_argument("--threads", type=int, help="CPU threads for torch per process (default: $OMP_NUM_THREADS or "
+                   "all cores); the device is the config's train.device")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="draw samples from a trained run with per-image seeds")

@@ -10,6 +10,12 @@ t).  Per iteration one network call with gradient and one JVP without:
 sCT and sCD differ only in the tangent dx_t/dt: the conditional velocity, or the teacher's PF-ODE.  The tangent
 bookkeeping, our choices (EDM time input, warm-up as a fraction of training, "rms" normalization) and departures:
 docs/methods.md.
+
+Adaptive weighting and a deterministic tangent: the learned u(t) settles at log(w(t) E[mse | t]), so the gradient on
+F_theta is ~ g_hat / E[|g_hat|^2 | t]: its gain grows as the residual shrinks.  sCD's tangent with an exact teacher is
+deterministic, so nothing bounds the gain and, once the student is nearly consistent, the updates overshoot; sCT's
+stochastic tangent keeps E[|g_hat|^2 | t] above its variance, which delays the same degradation.  The paper's loss
+stays the default; the mixture tracks turn the weighting off for sCD (docs/methods.md, sCT and sCD).
 """
 
 from __future__ import annotations
@@ -127,6 +133,15 @@ class _SCM(Method):
         _, J = directional_derivative(F_fn, (x_t, t), tangent, method=self.jvp, eps=self.jvp_eps, primal_out=F)
         return F, u, J
 
+    def tangent(self, F_sg, J, x_t, t, dxdt, r: float) -> torch.Tensor:
+        """g = -cos^2(t) (sigma_d F_sg - dx_t/dt) - r (cos(t) sin(t) x_t + sigma_d J), before normalization.
+
+        Linear in dx_t/dt (J is too): with the exact teacher, E[sCT's g | x_t] over z is sCD's g.
+        """
+        cos, sin = append_dims(torch.cos(t), x_t.ndim), append_dims(torch.sin(t), x_t.ndim)
+        sd = self.sigma_data
+        return -cos**2 * (sd * F_sg - dxdt) - r * (cos * sin * x_t + sd * J)
+
     def loss_at(self, model, x_t, t, dxdt, r: float, labels=None) -> dict[str, torch.Tensor]:
         """Per-sample sCM loss at given (x_t, t, dx_t/dt) and warm-up r: {"loss", "mse", "logvar", "g_rms"}.
 
@@ -136,13 +151,11 @@ class _SCM(Method):
         dtype = torch.promote_types(x_t.dtype, torch.float32)  # the tangent in at least fp32 (paper: fp16 overflow)
         F, J, x_t, dxdt, t = F.to(dtype), J.to(dtype), x_t.to(dtype), dxdt.to(dtype), t.to(dtype)
         F_sg = F.detach()
-        cos, sin = append_dims(torch.cos(t), x_t.ndim), append_dims(torch.sin(t), x_t.ndim)
-        sd = self.sigma_data
-        g = -cos**2 * (sd * F_sg - dxdt) - r * (cos * sin * x_t + sd * J)
+        g = self.tangent(F_sg, J, x_t, t, dxdt, r)
         g_rms = g.flatten(1).norm(dim=1) / math.sqrt(g[0].numel())
         g = self.normalize(g)
         mse = ((F - F_sg - g) ** 2).flatten(1).mean(dim=1)
-        weight = 1.0 / (sd * torch.tan(t)) if self.prior_weighting else torch.ones_like(t)
+        weight = 1.0 / (self.sigma_data * torch.tan(t)) if self.prior_weighting else torch.ones_like(t)
         if u is None:
             u = torch.zeros_like(t)
         u = u.to(dtype)
@@ -191,7 +204,11 @@ class SCT(_SCM):
 @register
 @dataclass(frozen=True)
 class SCD(_SCM):
-    """sCD: consistency distillation, dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t), the teacher's PF-ODE."""
+    """sCD: consistency distillation, dx_t/dt = sigma_d F_teacher(x_t / sigma_d, t), the teacher's PF-ODE.
+
+    With the exact mixture teacher, `adaptive_weighting: false` (the mixture tracks' setting): the paper's learned
+    weight e^{-u(t)} w(t) = 1 / E[mse | t] has no floor with a deterministic tangent (module docstring).
+    """
 
     name = "scd"
     needs_teacher: ClassVar[bool] = True

@@ -25,6 +25,7 @@ from common.records import (
     TRACKING_RECORD,
     RunDir,
 )
+from methods.registry import available as available_methods
 from snakemake.exceptions import WorkflowError
 
 try:
@@ -138,6 +139,15 @@ def train_launcher(dataset, method, seed):
 
     train = run_config(dataset, method, seed).train
     return launch_prefix(sys.executable, train.devices, train.nodes)
+
+
+def train_threads(dataset, method, seed):
+    """`--threads` of each training process: the job's CPUs (SLURM's allocation on a cluster, the rule's threads
+    locally) shared by its train.devices processes. Explicit, because Snakemake exports MKL_NUM_THREADS = the
+    rule's threads, which torch would otherwise take whatever SLURM allocated."""
+    devices = run_config(dataset, method, seed).train.devices
+    cpus = f"${{SLURM_CPUS_PER_TASK:-{CFG.workflow.train_threads}}}"
+    return f"--threads $(( {cpus} / {devices} > 1 ? {cpus} / {devices} : 1 ))" if devices > 1 else f"--threads {cpus}"
 
 
 def train_gpus(dataset, method, seed):

@@ -5,7 +5,7 @@ rule train_method:
     # Never the teacher's run: a SLURM job step runs Snakemake with `--allowed-rules train_method`, where a
     # ruleorder cannot choose train_teacher, so a looser pattern let each distillation job retrain the teacher.
     wildcard_constraints:
-        method="|".join(m for m in CFG.methods if m != "teacher") or "(?!)",
+        method="|".join(m for m in available_methods() if m != "teacher"),
     input:
         unpack(_train_inputs),
     output:
@@ -15,6 +15,7 @@ rule train_method:
         config=lambda w: config_hash(w.dataset, w.method, w.seed),
         out=lambda w: run_dir(w.dataset, w.method, w.seed),
         teacher=_teacher_arg,
+        threads=lambda w: train_threads(w.dataset, w.method, w.seed),
     threads: CFG.workflow.train_threads
     resources:
         gpu=lambda w: train_gpus(w.dataset, w.method, w.seed),
@@ -27,4 +28,4 @@ rule train_method:
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
         "--method {wildcards.method} --seed {wildcards.seed} --data {input.data} {params.teacher} "
-        "--out {params.out} --archive-stale > {log} 2>&1"
+        "--out {params.out} {params.threads} --archive-stale > {log} 2>&1"

@@ -148,8 +148,9 @@ def _values(repo: Path) -> pd.Series:
 
 
 @pytest.mark.skipif(os.environ.get("CMBENCH_TEST_SLURM_SMOKE") != "1",
-                    reason="the whole smoke summary through SLURM against a local run (5 minutes on 2 cores) is opt-in: "
-                    "set CMBENCH_TEST_SLURM_SMOKE=1; the CIFAR-10 rehearsal below checks a job's outputs bitwise")
+                    reason="the whole smoke summary through SLURM against a local run (5 minutes on 2 cores) is "
+                    "opt-in: set CMBENCH_TEST_SLURM_SMOKE=1; the CIFAR-10 rehearsal below checks a job's outputs "
+                    "bitwise")
 def test_smoke_workflow_through_slurm_equals_local_run(cluster, tmp_path, request):
     slurm_repo, local_repo = tmp_path / "slurm", tmp_path / "local"
     for repo in (slurm_repo, local_repo):
@@ -222,6 +223,10 @@ def test_cifar10_rehearsal_through_slurm_finishes_the_table(cluster, tmp_path, r
     assert {r: ran.count(r) for r in set(ran)} == full  # every job of the full track's graph ran
 
     assert "50000 items of shape (3, 32, 32)" in (repo / "results/logs/prepare/cifar10.log").read_text()
+    # each training used the one CPU SLURM gave it (the rule declares 2 threads; Snakemake exports them as
+    # MKL_NUM_THREADS): oversubscribed, four 2-thread trainings on two cores ran 20x slower
+    devices = {json.loads(p.read_text())["device"] for p in repo.glob("results/runs/cifar10/*/seed0/run_info.json")}
+    assert len(devices) == 1 and devices.pop().endswith(", 1 thread)"), devices
     values = _values(repo).reset_index()
     inception = values[values.metric == "fid_torch_fidelity"]
     assert set(inception.method) == set(yaml.safe_load((ROOT / "config/cifar10.yaml").read_text())["methods"])
