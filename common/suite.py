@@ -57,7 +57,7 @@ def suite_markdown(table: pd.DataFrame, method_order) -> str:
         if sub.empty:
             continue
         counts = {s: int(sub[sub.set == s].n_mixtures.max()) for s in SETS if (sub.set == s).any()}
-        header = ["method", "NFE"] + [f"{s.replace('_', '-')} ({counts[s]} mixtures)" for s in SETS if s in counts]
+        header = ["method", "NFE"] + [f"{s.replace('_', '-')} (n = {counts[s]})" for s in SETS if s in counts]
         lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for method in [m for m in method_order(sub.method.unique())]:
             for nfe in sorted(sub[sub.method == method].nfe.unique()):

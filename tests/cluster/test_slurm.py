@@ -223,8 +223,8 @@ def test_cifar10_rehearsal_through_slurm_finishes_the_table(cluster, tmp_path, r
     assert {r: ran.count(r) for r in set(ran)} == full  # every job of the full track's graph ran
 
     assert "50000 items of shape (3, 32, 32)" in (repo / "results/logs/prepare/cifar10.log").read_text()
-    # each training used the one CPU SLURM gave it (the rule declares 2 threads; Snakemake exports them as
-    # MKL_NUM_THREADS): oversubscribed, four 2-thread trainings on two cores ran 20x slower
+    # each training used the one CPU SLURM gave it (the rule declares 2 threads and Snakemake exports them as
+    # MKL_NUM_THREADS): four oversubscribed 2-thread trainings on two cores took 87-219 s instead of 15-61 s
     devices = {json.loads(p.read_text())["device"] for p in repo.glob("results/runs/cifar10/*/seed0/run_info.json")}
     assert len(devices) == 1 and devices.pop().endswith(", 1 thread)"), devices
     values = _values(repo).reset_index()

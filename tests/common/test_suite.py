@@ -37,7 +37,7 @@ def test_relative_to_each_mixtures_teacher_with_the_floor_and_sets_apart():
     assert table.loc[("held_out", "cd", 1, "mode_weight_tv")]["median"] == pytest.approx(0.2)
     assert "nll" not in set(table.index.get_level_values("metric"))
     md = suite_markdown(suite_table(df), _method_order)
-    assert "| cd | 1 | 2.5 [2.25, 2.75] | 0.75 [0.625, 0.875] |" in md and "held-out (2 mixtures)" in md
+    assert "| cd | 1 | 2.5 [2.25, 2.75] | 0.75 [0.625, 0.875] |" in md and "held-out (n = 2)" in md
 
 
 def test_no_suite_datasets_give_an_empty_table():
