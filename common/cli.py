@@ -115,6 +115,8 @@ def cmd_train(args) -> None:
 
     config = load_config(args.config)
     run = resolve_run(config, args.dataset, args.method, args.seed, source=args.config)
+    if args.threads is not None:  # the job's CPUs: each of torchrun's processes on this node takes its share
+        args.threads = max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     _threads(args)
     with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: checkpoint, exit PREEMPTED_EXIT_STATUS, rerun resumes
         train(run, args.out, data_path=args.data, teacher_dir=args.teacher, archive_stale=args.archive_stale,
@@ -294,8 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--teacher", help="run folder of the trained teacher (distillation methods)")
     s.add_argument("--archive-stale", action="store_true",
                    help="if --out holds a run with another config, rename it aside and start afresh")
-    s.add_argument("--threads", type=int, help="CPU threads for torch per process (default: $OMP_NUM_THREADS or "
-                   "all cores); the device is the config's train.device")
+    s.add_argument("--threads", type=int, help="the job's CPU threads, shared by torchrun's processes on the node "
+                   "(default: $OMP_NUM_THREADS or all cores); the device is the config's train.device")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="draw samples from a trained run with per-image seeds")

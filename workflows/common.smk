@@ -141,15 +141,6 @@ def train_launcher(dataset, method, seed):
     return launch_prefix(sys.executable, train.devices, train.nodes)
 
 
-def train_threads(dataset, method, seed):
-    """`--threads` of each training process: the job's CPUs (SLURM's allocation on a cluster, the rule's threads
-    locally) shared by its train.devices processes. Explicit, because Snakemake exports MKL_NUM_THREADS = the
-    rule's threads, which torch would otherwise take whatever SLURM allocated."""
-    devices = run_config(dataset, method, seed).train.devices
-    cpus = f"${{SLURM_CPUS_PER_TASK:-{CFG.workflow.train_threads}}}"
-    return f"--threads $(( {cpus} / {devices} > 1 ? {cpus} / {devices} : 1 ))" if devices > 1 else f"--threads {cpus}"
-
-
 def train_gpus(dataset, method, seed):
     """GPUs a one-node training job asks for (the SLURM plugin's `gpu` resource: sbatch and step --gpus, a total):
     train.devices; none on device cpu, and none on several nodes, which ask per node through `train_gres`."""

@@ -10,7 +10,6 @@ rule train_teacher:
         cmbench=lambda w: train_launcher(w.dataset, "teacher", w.seed),
         config=lambda w: config_hash(w.dataset, "teacher", w.seed),
         out=lambda w: run_dir(w.dataset, "teacher", w.seed),
-        threads=lambda w: train_threads(w.dataset, "teacher", w.seed),
     threads: CFG.workflow.train_threads
     resources:
         gpu=lambda w: train_gpus(w.dataset, "teacher", w.seed),
@@ -22,5 +21,5 @@ rule train_teacher:
         "results/logs/train/{dataset}/teacher/seed{seed}.log",
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
-        "--method teacher --seed {wildcards.seed} --data {input.data} --out {params.out} {params.threads} --archive-stale "
+        "--method teacher --seed {wildcards.seed} --data {input.data} --out {params.out} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --archive-stale "
         "> {log} 2>&1"

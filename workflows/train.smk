@@ -15,7 +15,6 @@ rule train_method:
         config=lambda w: config_hash(w.dataset, w.method, w.seed),
         out=lambda w: run_dir(w.dataset, w.method, w.seed),
         teacher=_teacher_arg,
-        threads=lambda w: train_threads(w.dataset, w.method, w.seed),
     threads: CFG.workflow.train_threads
     resources:
         gpu=lambda w: train_gpus(w.dataset, w.method, w.seed),
@@ -28,4 +27,4 @@ rule train_method:
     shell:
         "OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{threads}}} {params.cmbench} train --config {CONFIG_FILE} --dataset {wildcards.dataset} "
         "--method {wildcards.method} --seed {wildcards.seed} --data {input.data} {params.teacher} "
-        "--out {params.out} {params.threads} --archive-stale > {log} 2>&1"
+        "--out {params.out} --threads ${{SLURM_CPUS_PER_TASK:-{threads}}} --archive-stale > {log} 2>&1"
