@@ -115,7 +115,7 @@ def cmd_train(args) -> None:
 
     config = load_config(args.config)
     run = resolve_run(config, args.dataset, args.method, args.seed, source=args.config)
-    if args.threads is not None:  # the job's CPUs: each of torchrun's processes on this node takes its share
+    if args.threads is not None and args.threads >= 1:  # the job's CPUs: torchrun's processes here share them
         args.threads = max(1, args.threads // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     _threads(args)
     with stop_on_signals() as stop:  # SIGTERM / SIGUSR1: checkpoint, exit PREEMPTED_EXIT_STATUS, rerun resumes
